@@ -1,0 +1,254 @@
+"""The maths of softgrad, written once.
+
+Every function takes the backend namespace ``xp`` first and works on the
+**last axis** (the public layer moves the class axis there). ``xp`` supplies
+elementwise and row-wise primitives (``rowsum`` and ``rowmax`` keep the
+reduced axis) plus three "core" operations that a backend may wrap with
+custom gradients: ``softmax_core``, ``log_softmax_core`` and
+``logsumexp_core``, all on already shifted logits.
+
+Each formula carries a pointer to its derivation in docs/derivations.md.
+"""
+
+import math
+
+NEG_INF = -math.inf
+
+
+# -- forward ---------------------------------------------------------------
+
+
+def shifted_logits(xp, x, temperature=1.0, mask=None):
+    """Return ``(z, m)`` with ``z = (x - m) / T`` and absent entries at -inf.
+
+    ``m`` is the row max over present entries (0 for a row with none), and
+    carries no gradient: softmax is invariant to a per-row shift, so its
+    derivative through ``m`` is exactly zero (derivations.md#softmax).
+    Shifting before dividing keeps ``x / T`` from overflowing.
+    """
+    present = x != NEG_INF
+    if mask is not None:
+        present = xp.logical_and(present, mask)
+    m = xp.rowmax(xp.where(present, x, NEG_INF))
+    m = xp.stop_gradient(xp.where(m == NEG_INF, xp.zeros_like(m), m))
+    # Absent entries are replaced by m before the arithmetic so that neither
+    # their value nor their gradient can produce inf - inf or 0 * inf.
+    z = (xp.where(present, x, m) - m) / temperature
+    return xp.where(present, z, NEG_INF), m
+
+
+def logsumexp_body(xp, z):
+    """log Σ exp(z) for shifted logits (max 0), in the log1p form.
+
+    Σ e^z = 1 + rest, where rest sums the entries below the max and counts
+    the extra ties; log1p(rest) keeps a confident row's loss to full relative
+    precision instead of rounding 1 + 1e-17 to 1 (derivations.md#softmax).
+    A row with no present entry gives -inf.
+    """
+    top = z == 0
+    below = xp.rowsum(xp.where(top, xp.zeros_like(z), xp.exp(z)))
+    rest = below + (xp.rowsum(xp.cast_like(top, z)) - 1)
+    return xp.log1p(rest)
+
+
+def softmax_body(xp, z):
+    """softmax of shifted logits; a row with no present entry gives 0."""
+    e = xp.exp(z)
+    s = xp.rowsum(e)
+    return e / xp.where(s == 0, xp.ones_like(s), s)
+
+
+def log_softmax_body(xp, z):
+    """log-softmax of shifted logits; a row with no present entry gives -inf."""
+    lse = logsumexp_body(xp, z)
+    return z - xp.where(lse == NEG_INF, xp.zeros_like(lse), lse)
+
+
+# -- first derivatives (derivations.md#vjp-and-jvp, #precision) -------------
+
+
+def _value_at_argmax(xp, v, p):
+    return xp.rowsum(xp.where(xp.argmax_mask(p), v, xp.zeros_like(v)))
+
+
+def softmax_vjp(xp, y, dy):
+    """dx = y * (dy - sum(dy * y)), i.e. J^T dy = J dy."""
+    # Any constant may be subtracted from dy (sum(y) = 1); subtracting dy at
+    # the argmax makes the weighted sum small, so tiny components keep their
+    # relative precision next to a probability of one (derivations.md#precision).
+    d = dy - _value_at_argmax(xp, dy, y)
+    return y * (d - xp.rowsum(d * y))
+
+
+def _sum_to_zero_at_argmax(xp, g, p):
+    """Set each row's argmax component to minus the sum of the others.
+
+    The row sums of these gradients are zero exactly; computing the large
+    component this way avoids the cancellation in p_t - 1 (#precision).
+    """
+    at_max = xp.argmax_mask(p)
+    others = xp.rowsum(xp.where(at_max, xp.zeros_like(g), g))
+    return xp.where(at_max, -others, g)
+
+
+def log_softmax_vjp(xp, logp, dlogp):
+    """dx = dlogp - p * sum(dlogp); absent entries (logp = -inf) get 0."""
+    present = logp != NEG_INF
+    p = xp.exp(logp)
+    total = xp.rowsum(xp.where(present, dlogp, xp.zeros_like(dlogp)))
+    g = xp.where(present, dlogp - p * total, xp.zeros_like(dlogp))
+    return _sum_to_zero_at_argmax(xp, g, p)
+
+
+def log_softmax_jvp(xp, logp, dx):
+    """J dx = dx - sum(p * dx); absent entries (logp = -inf) get 0."""
+    present = logp != NEG_INF
+    p = xp.exp(logp)
+    d = xp.where(present, dx - _value_at_argmax(xp, dx, p), xp.zeros_like(dx))
+    return xp.where(present, d - xp.rowsum(p * d), xp.zeros_like(dx))
+
+
+# -- explicit Jacobians (derivations.md#jacobian) ---------------------------
+
+
+def softmax_jacobian(xp, y, temperature=1.0):
+    """J[..., i, j] = y_i (delta_ij - y_j) / T."""
+    eye = xp.eye_like(y)
+    return xp.expand_dims(y, -1) * (eye - xp.expand_dims(y, -2)) / _per_matrix(xp, temperature)
+
+
+def log_softmax_jacobian(xp, logp, temperature=1.0):
+    """J[..., i, j] = (delta_ij - p_j) / T for present i; 0 for absent rows i."""
+    eye = xp.eye_like(logp)
+    p = xp.exp(logp)
+    present = xp.expand_dims(logp != NEG_INF, -1)
+    jac = xp.where(present, eye - xp.expand_dims(p, -2), xp.zeros_like(eye * p[..., None]))
+    return jac / _per_matrix(xp, temperature)
+
+
+def _per_matrix(xp, temperature):
+    """A per-row temperature of shape (..., 1) as (..., 1, 1)."""
+    if isinstance(temperature, float):
+        return temperature
+    return xp.expand_dims(temperature, -1)
+
+
+# -- softmax family with temperature and masks ------------------------------
+
+
+def softmax(xp, x, temperature=1.0, mask=None):
+    z, _ = shifted_logits(xp, x, temperature, mask)
+    return xp.softmax_core(z)
+
+
+def log_softmax(xp, x, temperature=1.0, mask=None):
+    z, _ = shifted_logits(xp, x, temperature, mask)
+    return xp.log_softmax_core(z)
+
+
+# -- cross-entropy (derivations.md#cross-entropy) ---------------------------
+
+
+class Targets:
+    """The per-example target weights q and what the reductions need.
+
+    q = ((1 - eps) * Y + eps / C) * w, zero for ignored examples; S = sum(q);
+    ``valid`` marks the examples that count; ``denominator`` is what "mean"
+    divides by (derivations.md#cross-entropy).
+    """
+
+    def __init__(self, q, soft, valid, denominator):
+        self.q = q
+        self.soft = soft
+        self.valid = valid
+        self.denominator = denominator
+
+
+def targets(xp, labels, n_classes, dtype, *, soft, weight, ignore_index, label_smoothing):
+    """Build :class:`Targets` from integer or soft labels."""
+    eps = label_smoothing
+    if soft:
+        y = labels
+        valid = None
+        denominator = xp.count_rows(y)
+    else:
+        valid = (
+            xp.ones_bool(labels)
+            if ignore_index is None
+            else labels != ignore_index
+        )
+        y = xp.one_hot(labels, n_classes, dtype)
+        y = y * xp.cast_like(xp.expand_dims(valid, -1), y)
+    q = (1.0 - eps) * y if eps else y
+    if eps:
+        smooth = eps / n_classes
+        q = q + (smooth if valid is None else smooth * xp.cast_like(xp.expand_dims(valid, -1), y))
+    if weight is not None:
+        q = q * weight
+    if not soft:
+        picked = xp.rowsum(y * weight)[..., 0] if weight is not None else xp.cast_like(valid, y)
+        denominator = xp.total(picked)
+    return Targets(q, y if soft else None, valid, denominator)
+
+
+def _scale(xp, tg, reduction, dtype):
+    """The factor that turns per-example losses into the reduced loss."""
+    if reduction != "mean":
+        return 1.0
+    d = xp.cast_to(tg.denominator, dtype)
+    # A mean over zero targets is 0 with zero gradient, not 0/0.
+    return 1.0 / xp.where(d == 0, xp.ones_like(d), d)
+
+
+def _valid_rows(xp, tg, like):
+    return None if tg.valid is None else xp.cast_like(tg.valid, like)
+
+
+def cross_entropy_parts(xp, x, tg, z_loss):
+    """Per-example loss and the intermediates the derivatives reuse.
+
+    loss_n = -sum(q * logp) + z_loss * lse^2 (derivations.md#cross-entropy,
+    #z-loss). Returns ``(loss, logp, lse)``; lse is None when z_loss is 0.
+    """
+    z, m = shifted_logits(xp, x)
+    logp = xp.log_softmax_core(z)
+    loss = xp.xent(tg.q, logp)
+    lse = None
+    if z_loss:
+        lse = m + xp.logsumexp_core(z)
+        zterm = z_loss * xp.square(lse)[..., 0]
+        valid = _valid_rows(xp, tg, zterm)
+        loss = loss + (zterm if valid is None else zterm * valid)
+    return loss, logp, lse
+
+
+def reduce_loss(xp, loss, tg, reduction):
+    if reduction == "none":
+        return loss
+    total = xp.total(loss)
+    return total * _scale(xp, tg, reduction, total.dtype)
+
+
+def cross_entropy_grad(xp, logp, lse, tg, z_loss, reduction):
+    """d loss / d logits = (S p - q) + 2 z_loss lse p, times the reduction's scale.
+
+    (S p - q) is the log-softmax VJP with cotangent -q (#cross-entropy-gradient).
+    """
+    g = log_softmax_vjp(xp, logp, -tg.q)
+    if z_loss:
+        zg = (2.0 * z_loss) * lse * xp.exp(logp)
+        valid = _valid_rows(xp, tg, zg)
+        g = g + (zg if valid is None else zg * xp.expand_dims(valid, -1))
+    return g * _scale(xp, tg, reduction, g.dtype)
+
+
+def cross_entropy_hvp(xp, logp, lse, tg, v, z_loss, reduction):
+    """H v = (S + 2 z_loss lse) p*(v - <p, v>) + 2 z_loss p <p, v> (#hessian)."""
+    p = xp.exp(logp)
+    total_q = xp.rowsum(tg.q)
+    hv = total_q * softmax_vjp(xp, p, v)
+    if z_loss:
+        zhv = (2.0 * z_loss) * (lse * softmax_vjp(xp, p, v) + p * xp.rowsum(p * v))
+        valid = _valid_rows(xp, tg, zhv)
+        hv = hv + (zhv if valid is None else zhv * xp.expand_dims(valid, -1))
+    return hv * _scale(xp, tg, reduction, hv.dtype)

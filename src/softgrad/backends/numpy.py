@@ -1,0 +1,123 @@
+"""The NumPy backend: primitives on the last axis, computed with NumPy."""
+
+import numpy as np
+
+from .._errors import SoftgradError
+from ._base import Backend
+
+
+class NumpyBackend(Backend):
+    name = "numpy"
+
+    # -- conversion ------------------------------------------------------
+
+    def asarray(self, value):
+        if isinstance(value, np.ndarray):
+            return value
+        if isinstance(value, (list, tuple, int, float)):
+            # Python numbers and lists mean float64 logits, even if they
+            # happen to be written as integers.
+            return np.asarray(value, dtype=np.float64)
+        return np.asarray(value)
+
+    def as_labels(self, value):
+        return value if isinstance(value, np.ndarray) else np.asarray(value)
+
+    def dtype_name(self, a):
+        return a.dtype.name
+
+    def dtype_kind(self, a):
+        """'f' float, 'i' integer (signed or not), 'b' bool, 'c' complex, '?' other."""
+        if a.dtype.name == "bfloat16":
+            return "f"
+        kind = a.dtype.kind
+        return {"u": "i"}.get(kind, kind if kind in "fibc" else "?")
+
+    def cast(self, a, dtype_name):
+        return a.astype(dtype_name, copy=False)
+
+    def cast_to(self, a, dtype):
+        return np.asarray(a, dtype=dtype)
+
+    def cast_like(self, a, like):
+        return a.astype(like.dtype)
+
+    def shape(self, a):
+        return tuple(a.shape)
+
+    def moveaxis(self, a, source, destination):
+        return np.moveaxis(a, source, destination)
+
+    def broadcast_like(self, a, like):
+        return np.broadcast_to(a, like.shape)
+
+    def reshape(self, a, shape):
+        return np.reshape(a, shape)
+
+    def require(self, ok, message, values):
+        """Raise SoftgradError unless ``ok`` holds everywhere, naming the first bad value."""
+        ok = np.asarray(ok)
+        if ok.all():
+            return
+        values = np.broadcast_to(np.asarray(values), ok.shape)
+        bad = np.argwhere(~ok)
+        first = tuple(int(i) for i in bad[0])
+        where = f" at position {first}" if first else ""
+        more = f" ({len(bad)} bad entries in all)" if len(bad) > 1 else ""
+        raise SoftgradError(message(f"{values[first].item()!r}{where}{more}"))
+
+    def quiet(self):
+        # inf - inf and 0 * inf are handled by masks; the warnings NumPy
+        # raises while evaluating the unselected branch are noise.
+        return np.errstate(all="ignore")
+
+    # -- elementwise -------------------------------------------------------
+
+    exp = staticmethod(np.exp)
+    log1p = staticmethod(np.log1p)
+    square = staticmethod(np.square)
+    where = staticmethod(np.where)
+    logical_and = staticmethod(np.logical_and)
+    zeros_like = staticmethod(np.zeros_like)
+    ones_like = staticmethod(np.ones_like)
+    expand_dims = staticmethod(np.expand_dims)
+
+    def stop_gradient(self, a):
+        return a
+
+    # -- rows --------------------------------------------------------------
+
+    def rowsum(self, a):
+        return np.sum(a, axis=-1, keepdims=True)
+
+    def rowmax(self, a):
+        return np.max(a, axis=-1, keepdims=True, initial=-np.inf)
+
+    def argmax_mask(self, a):
+        """One True per row, at the first maximum (all False when C = 0)."""
+        if a.shape[-1] == 0:
+            return np.zeros(a.shape, dtype=bool)
+        index = np.argmax(a, axis=-1)[..., None]
+        return np.arange(a.shape[-1]) == index
+
+    def eye_like(self, y):
+        return np.eye(y.shape[-1], dtype=y.dtype)
+
+    def one_hot(self, labels, n_classes, dtype):
+        return (np.arange(n_classes) == labels[..., None]).astype(dtype)
+
+    def ones_bool(self, labels):
+        return np.ones(labels.shape, dtype=bool)
+
+    def count_rows(self, y):
+        return float(np.prod(y.shape[:-1]))
+
+    def total(self, a):
+        return np.sum(a)
+
+    def xent(self, q, logp):
+        """-sum(q * logp) per row, with 0 * log 0 = 0."""
+        return -np.sum(np.where(q == 0, 0.0, q * logp), axis=-1)
+
+
+NUMPY = NumpyBackend()

@@ -1,0 +1,188 @@
+"""The TensorFlow backend: primitives from TensorFlow ops, and custom gradients.
+
+This module is imported only once TensorFlow is already in ``sys.modules``.
+The three cores (softmax, log-softmax, log-sum-exp of shifted logits) and the
+cross-entropy sum carry ``tf.custom_gradient`` whose gradient functions are
+the closed forms of ``softgrad._maths``; everything else is composed of them
+and of plain TensorFlow ops. The gradient functions are themselves written in
+differentiable ops, so a tape of a tape gives second derivatives.
+"""
+
+import contextlib
+
+import tensorflow as tf
+
+from .. import _maths
+from ._base import Backend
+from .numpy import NUMPY
+
+
+class TensorFlowBackend(Backend):
+    name = "tensorflow"
+
+    # -- conversion ------------------------------------------------------
+
+    def asarray(self, value):
+        if isinstance(value, (tf.Tensor, tf.Variable)):
+            return tf.convert_to_tensor(value)
+        return tf.convert_to_tensor(NUMPY.asarray(value))
+
+    def as_labels(self, value):
+        return tf.convert_to_tensor(value)
+
+    def dtype_name(self, a):
+        return a.dtype.name
+
+    def dtype_kind(self, a):
+        d = a.dtype
+        if d.is_bool:
+            return "b"
+        if d.is_complex:
+            return "c"
+        if d.is_floating:
+            return "f"
+        return "i" if d.is_integer else "?"
+
+    def cast(self, a, dtype_name):
+        return tf.cast(a, dtype_name)
+
+    def cast_to(self, a, dtype):
+        return tf.cast(self.asarray(a) if not isinstance(a, tf.Tensor) else a, dtype)
+
+    def cast_like(self, a, like):
+        return tf.cast(a, like.dtype)
+
+    def shape(self, a):
+        return tuple(a.shape.as_list())
+
+    def moveaxis(self, a, source, destination):
+        order = list(range(len(a.shape)))
+        order.insert(destination % len(order), order.pop(source % len(order)))
+        return tf.transpose(a, order)
+
+    def broadcast_like(self, a, like):
+        return tf.broadcast_to(a, tf.shape(like))
+
+    def reshape(self, a, shape):
+        return tf.reshape(a, [-1 if d is None else d for d in shape])
+
+    def require(self, ok, message, values):
+        """Raise now when the values are known; otherwise add a graph assertion.
+
+        Under XLA (jit_compile=True) TensorFlow drops assertions.
+        """
+        if tf.executing_eagerly():
+            NUMPY.require(ok.numpy(), message, values.numpy())
+            return
+        tf.debugging.Assert(
+            tf.reduce_all(ok),
+            [message("an entry listed below"), values],
+            summarize=20,
+        )
+
+    def quiet(self):
+        return contextlib.nullcontext()
+
+    # -- elementwise -------------------------------------------------------
+
+    exp = staticmethod(tf.exp)
+    log1p = staticmethod(tf.math.log1p)
+    square = staticmethod(tf.square)
+    where = staticmethod(tf.where)
+    logical_and = staticmethod(tf.logical_and)
+    zeros_like = staticmethod(tf.zeros_like)
+    ones_like = staticmethod(tf.ones_like)
+    expand_dims = staticmethod(tf.expand_dims)
+    stop_gradient = staticmethod(tf.stop_gradient)
+
+    # -- rows --------------------------------------------------------------
+
+    def rowsum(self, a):
+        return tf.reduce_sum(a, axis=-1, keepdims=True)
+
+    def rowmax(self, a):
+        return tf.reduce_max(a, axis=-1, keepdims=True)
+
+    def argmax_mask(self, a):
+        index = tf.argmax(a, axis=-1, output_type=tf.int32)
+        return tf.equal(tf.range(tf.shape(a)[-1]), tf.expand_dims(index, -1))
+
+    def eye_like(self, y):
+        return tf.eye(tf.shape(y)[-1], dtype=y.dtype)
+
+    def one_hot(self, labels, n_classes, dtype):
+        return tf.one_hot(labels, n_classes, dtype=dtype)
+
+    def ones_bool(self, labels):
+        return tf.ones_like(labels, dtype=tf.bool)
+
+    def count_rows(self, y):
+        return tf.reduce_prod(tf.shape(y)[:-1])
+
+    def total(self, a):
+        return tf.reduce_sum(a)
+
+    # -- the cores, with closed-form gradients -----------------------------
+
+    def softmax_core(self, z):
+        return _closed_form(
+            lambda z: _maths.softmax_body(self, z),
+            lambda z, y, dy: _maths.softmax_vjp(self, y, dy),
+        )(z)
+
+    def log_softmax_core(self, z):
+        return _closed_form(
+            lambda z: _maths.log_softmax_body(self, z),
+            lambda z, logp, dlogp: _maths.log_softmax_vjp(self, logp, dlogp),
+        )(z)
+
+    def logsumexp_core(self, z):
+        def vjp(z, lse, dlse):
+            # d lse / dz = softmax(z); a row with no entry has gradient 0.
+            safe = tf.where(lse == _maths.NEG_INF, tf.zeros_like(lse), lse)
+            return dlse * tf.exp(z - safe)
+
+        return _closed_form(lambda z: _maths.logsumexp_body(self, z), vjp)(z)
+
+    def xent(self, q, logp):
+        """-sum(q * logp) per row with 0 * log 0 = 0; differentiable in both."""
+
+        @tf.custom_gradient
+        def xent(q, logp):
+            loss = -tf.reduce_sum(tf.where(q == 0, tf.zeros_like(q), q * logp), axis=-1)
+
+            def grad(up):
+                up = tf.expand_dims(up, -1)
+                # d/dq = -log p, which is +inf for an absent class; keep the
+                # convention 0 * inf = 0 where no gradient flows in.
+                dq = tf.where(up == 0, tf.zeros_like(logp), -up * logp)
+                return dq, -up * q
+
+            return loss, grad
+
+        return xent(q, logp)
+
+
+def _closed_form(forward, vjp):
+    """``forward`` as an op whose gradient is ``vjp(z, out, d)``.
+
+    The rule is given the op's own output rather than the tensors inside
+    ``forward``, so differentiating the gradient again goes through this
+    rule too instead of through autodiff of the forward body (whose log1p
+    form is exact in value but not in autodiff).
+    """
+
+    def op(z):
+        output = []
+
+        @tf.custom_gradient
+        def f(z):
+            return forward(z), lambda d: vjp(z, output[0], d)
+
+        output.append(f(z))
+        return output[0]
+
+    return op
+
+
+TENSORFLOW = TensorFlowBackend()
