@@ -26,6 +26,13 @@ def shifted_logits(xp, x, temperature=1.0, mask=None):
     derivative through ``m`` is exactly zero (derivations.md#softmax).
     Shifting before dividing keeps ``x / T`` from overflowing.
     """
+    if mask is None and isinstance(temperature, float):
+        # Without a mask or a temperature tensor nothing multiplies a -inf
+        # logit in the backward pass, so -inf can flow through as it is.
+        m = xp.rowmax(x)
+        m = xp.stop_gradient(xp.where(m == NEG_INF, xp.zeros_like(m), m))
+        z = x - m
+        return (z if temperature == 1.0 else z / temperature), m
     present = x != NEG_INF
     if mask is not None:
         present = xp.logical_and(present, mask)
@@ -196,8 +203,10 @@ def _scale(xp, tg, reduction, dtype):
     if reduction != "mean":
         return 1.0
     d = xp.cast_to(tg.denominator, dtype)
-    # A mean over zero targets is 0 with zero gradient, not 0/0.
-    return 1.0 / xp.where(d == 0, xp.ones_like(d), d)
+    # A mean over zero targets (all ignored, or all of weight 0) is 0 with
+    # zero gradient, not 0/0.
+    safe = xp.where(d == 0, xp.ones_like(d), d)
+    return xp.where(d == 0, xp.zeros_like(d), 1.0 / safe)
 
 
 def _valid_rows(xp, tg, like):
