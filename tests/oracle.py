@@ -66,9 +66,9 @@ def softmax_jacobian(x, axis=-1, temperature=1.0, where=None):
 
 def log_softmax_jacobian(x, axis=-1, temperature=1.0, where=None):
     """J[..., i, j] = d log s_i / d x_j = (delta_ij - s_j) / T for present i, else 0."""
-    z, t = _shifted(x, axis, temperature, where)
+    _, t = _shifted(x, axis, temperature, where)
     s = _last(softmax(x, axis, temperature, where), axis)
-    present = z > -np.inf
+    present = _last(x if where is None else np.where(where, x, -np.inf), axis) > -np.inf
     jac = (np.eye(s.shape[-1]) - s[..., None, :]) * present[..., :, None]
     return jac / t[..., None]
 
