@@ -21,27 +21,35 @@ NEG_INF = -math.inf
 def shifted_logits(xp, x, temperature=1.0, mask=None):
     """Return ``(z, m)`` with ``z = (x - m) / T`` and absent entries at -inf.
 
-    ``m`` is the row max over present entries (0 for a row with none), and
-    carries no gradient: softmax is invariant to a per-row shift, so its
-    derivative through ``m`` is exactly zero (derivations.md#softmax).
-    Shifting before dividing keeps ``x / T`` from overflowing.
+    An entry is absent when it is masked out or its logit is -inf. ``m`` is
+    the row max over present entries (0 for a row with none), and carries no
+    gradient: softmax is invariant to a per-row shift, so its derivative
+    through ``m`` is exactly zero (derivations.md#softmax). Shifting before
+    dividing keeps ``x / T`` from overflowing.
     """
-    if mask is None and isinstance(temperature, float):
-        # Without a mask or a temperature tensor nothing multiplies a -inf
-        # logit in the backward pass, so -inf can flow through as it is.
-        m = xp.rowmax(x)
-        m = xp.stop_gradient(xp.where(m == NEG_INF, xp.zeros_like(m), m))
-        z = x - m
-        return (z if temperature == 1.0 else z / temperature), m
     present = x != NEG_INF
     if mask is not None:
         present = xp.logical_and(present, mask)
-    m = xp.rowmax(xp.where(present, x, NEG_INF))
-    m = xp.stop_gradient(xp.where(m == NEG_INF, xp.zeros_like(m), m))
-    # Absent entries are replaced by m before the arithmetic so that neither
-    # their value nor their gradient can produce inf - inf or 0 * inf.
-    z = (xp.where(present, x, m) - m) / temperature
-    return xp.where(present, z, NEG_INF), m
+    if mask is None and isinstance(temperature, float):
+        # Nothing multiplies a -inf logit in the backward pass here, so the
+        # logits need no masking before the arithmetic.
+        m = _zero_if_empty(xp, xp.rowmax(x))
+        z = x - m
+        z = z if temperature == 1.0 else z / temperature
+    else:
+        m = _zero_if_empty(xp, xp.rowmax(xp.where(present, x, NEG_INF)))
+        # Absent entries are replaced by m before the arithmetic so that
+        # neither their value nor their gradient can produce inf - inf or
+        # 0 * inf.
+        z = (xp.where(present, x, m) - m) / temperature
+    # A present entry whose shifted logit overflows (x = -max next to
+    # x = max) saturates at the most negative float instead of becoming
+    # -inf, which would mean absent: finite logits give finite results.
+    return xp.where(present, xp.saturate(z), NEG_INF), m
+
+
+def _zero_if_empty(xp, m):
+    return xp.stop_gradient(xp.where(m == NEG_INF, xp.zeros_like(m), m))
 
 
 def logsumexp_body(xp, z):
@@ -213,22 +221,45 @@ def _valid_rows(xp, tg, like):
     return None if tg.valid is None else xp.cast_like(tg.valid, like)
 
 
+def _finite_or_zero(xp, lse):
+    """A row's log-sum-exp, with 0 for a row that has no entry (-inf)."""
+    return xp.where(lse == NEG_INF, xp.zeros_like(lse), lse)
+
+
+def xent_body(xp, z, q):
+    """-sum(q * log_softmax(z)) per row, with 0 * log 0 = 0."""
+    logp = z - _finite_or_zero(xp, logsumexp_body(xp, z))
+    return -xp.rowsum(xp.where(q == 0, xp.zeros_like(q), q * logp))[..., 0]
+
+
+def xent_grad(xp, z, lse, q):
+    """d xent / dz = S p - q with S = sum(q) (derivations.md#cross-entropy-gradient).
+
+    At a row's max (z = 0), S p - q is evaluated as (S - q) + S expm1(z - lse):
+    the naive p - 1 would round a 1e-17 gradient to 0
+    (derivations.md#precision). Writing z rather than 0 keeps the expression's
+    own derivative right. Absent entries (z = -inf) get 0.
+    """
+    total = xp.rowsum(q)
+    lse = _finite_or_zero(xp, lse)
+    g = total * xp.exp(z - lse) - q
+    g = xp.where(z == 0, (total - q) + total * xp.expm1(z - lse), g)
+    return xp.where(z == NEG_INF, xp.zeros_like(g), g)
+
+
 def cross_entropy_parts(xp, x, tg, z_loss):
-    """Per-example loss and the intermediates the derivatives reuse.
+    """Per-example loss and the intermediates the gradient reuses.
 
     loss_n = -sum(q * logp) + z_loss * lse^2 (derivations.md#cross-entropy,
-    #z-loss). Returns ``(loss, logp, lse)``; lse is None when z_loss is 0.
+    #z-loss). Returns ``(loss, z, m)``: the shifted logits and their shift.
     """
     z, m = shifted_logits(xp, x)
-    logp = xp.log_softmax_core(z)
-    loss = xp.xent(tg.q, logp)
-    lse = None
+    loss = xp.xent_core(z, tg.q)
     if z_loss:
-        lse = m + xp.logsumexp_core(z)
-        zterm = z_loss * xp.square(lse)[..., 0]
+        zterm = z_loss * xp.square(m + xp.logsumexp_core(z))[..., 0]
         valid = _valid_rows(xp, tg, zterm)
         loss = loss + (zterm if valid is None else zterm * valid)
-    return loss, logp, lse
+    return loss, z, m
 
 
 def reduce_loss(xp, loss, tg, reduction):
@@ -238,22 +269,22 @@ def reduce_loss(xp, loss, tg, reduction):
     return total * _scale(xp, tg, reduction, total.dtype)
 
 
-def cross_entropy_grad(xp, logp, lse, tg, z_loss, reduction):
-    """d loss / d logits = (S p - q) + 2 z_loss lse p, times the reduction's scale.
-
-    (S p - q) is the log-softmax VJP with cotangent -q (#cross-entropy-gradient).
-    """
-    g = log_softmax_vjp(xp, logp, -tg.q)
+def cross_entropy_grad(xp, z, m, tg, z_loss, reduction):
+    """d loss / d logits = (S p - q) + 2 z_loss lse p, times the reduction's scale."""
+    lse = xp.logsumexp_core(z)
+    g = xent_grad(xp, z, lse, tg.q)
     if z_loss:
-        zg = (2.0 * z_loss) * lse * xp.exp(logp)
+        zg = (2.0 * z_loss) * (m + lse) * softmax_body(xp, z)
         valid = _valid_rows(xp, tg, zg)
         g = g + (zg if valid is None else zg * xp.expand_dims(valid, -1))
     return g * _scale(xp, tg, reduction, g.dtype)
 
 
-def cross_entropy_hvp(xp, logp, lse, tg, v, z_loss, reduction):
+def cross_entropy_hvp(xp, x, tg, v, z_loss, reduction):
     """H v = (S + 2 z_loss lse) p*(v - <p, v>) + 2 z_loss p <p, v> (#hessian)."""
-    p = xp.exp(logp)
+    z, m = shifted_logits(xp, x)
+    p = xp.softmax_core(z)
+    lse = m + xp.logsumexp_core(z) if z_loss else None
     total_q = xp.rowsum(tg.q)
     hv = total_q * softmax_vjp(xp, p, v)
     if z_loss:

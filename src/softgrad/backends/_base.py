@@ -43,15 +43,12 @@ class Backend:
         return _maths.reduce_loss(self, loss, tg, reduction)
 
     def cross_entropy_with_grad(self, x, tg, *, z_loss, reduction):
-        loss, logp, lse = _maths.cross_entropy_parts(self, x, tg, z_loss)
-        grad = _maths.cross_entropy_grad(self, logp, lse, tg, z_loss, reduction)
+        loss, z, m = _maths.cross_entropy_parts(self, x, tg, z_loss)
+        grad = _maths.cross_entropy_grad(self, z, m, tg, z_loss, reduction)
         return _maths.reduce_loss(self, loss, tg, reduction), grad
 
     def cross_entropy_hvp(self, x, tg, v, *, z_loss, reduction):
-        z, m = _maths.shifted_logits(self, x)
-        logp = self.log_softmax_core(z)
-        lse = m + self.logsumexp_core(z) if z_loss else None
-        return _maths.cross_entropy_hvp(self, logp, lse, tg, v, z_loss, reduction)
+        return _maths.cross_entropy_hvp(self, x, tg, v, z_loss, reduction)
 
     # -- the cores, which a backend may wrap with custom gradients ----------
 
@@ -63,3 +60,6 @@ class Backend:
 
     def logsumexp_core(self, z):
         return _maths.logsumexp_body(self, z)
+
+    def xent_core(self, z, q):
+        return _maths.xent_body(self, z, q)

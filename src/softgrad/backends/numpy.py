@@ -75,6 +75,7 @@ class NumpyBackend(Backend):
 
     exp = staticmethod(np.exp)
     log1p = staticmethod(np.log1p)
+    expm1 = staticmethod(np.expm1)
     square = staticmethod(np.square)
     where = staticmethod(np.where)
     logical_and = staticmethod(np.logical_and)
@@ -84,6 +85,10 @@ class NumpyBackend(Backend):
 
     def stop_gradient(self, a):
         return a
+
+    def saturate(self, a):
+        """Clip from below at the most negative finite float; NaN stays NaN."""
+        return np.maximum(a, np.finfo(a.dtype).min)
 
     # -- rows --------------------------------------------------------------
 
@@ -114,10 +119,5 @@ class NumpyBackend(Backend):
 
     def total(self, a):
         return np.sum(a)
-
-    def xent(self, q, logp):
-        """-sum(q * logp) per row, with 0 * log 0 = 0."""
-        return -np.sum(np.where(q == 0, 0.0, q * logp), axis=-1)
-
 
 NUMPY = NumpyBackend()

@@ -87,6 +87,7 @@ class TensorFlowBackend(Backend):
 
     exp = staticmethod(tf.exp)
     log1p = staticmethod(tf.math.log1p)
+    expm1 = staticmethod(tf.math.expm1)
     square = staticmethod(tf.square)
     where = staticmethod(tf.where)
     logical_and = staticmethod(tf.logical_and)
@@ -94,6 +95,21 @@ class TensorFlowBackend(Backend):
     ones_like = staticmethod(tf.ones_like)
     expand_dims = staticmethod(tf.expand_dims)
     stop_gradient = staticmethod(tf.stop_gradient)
+
+    def saturate(self, a):
+        """Clip from below at the most negative finite float, NaN kept.
+
+        The gradient passes straight through: the clipped value stands for
+        the unrepresentable logit, whose derivative is that of the identity.
+        """
+
+        @tf.custom_gradient
+        def saturate(a):
+            low = tf.constant(a.dtype.min, a.dtype)
+            clipped = tf.where(a < low, low, a)
+            return clipped, lambda d: d
+
+        return saturate(a)
 
     # -- rows --------------------------------------------------------------
 
@@ -104,6 +120,8 @@ class TensorFlowBackend(Backend):
         return tf.reduce_max(a, axis=-1, keepdims=True)
 
     def argmax_mask(self, a):
+        if a.shape[-1] == 0:
+            return tf.zeros_like(a, dtype=tf.bool)
         index = tf.argmax(a, axis=-1, output_type=tf.int32)
         return tf.equal(tf.range(tf.shape(a)[-1]), tf.expand_dims(index, -1))
 
@@ -144,24 +162,23 @@ class TensorFlowBackend(Backend):
 
         return _closed_form(lambda z: _maths.logsumexp_body(self, z), vjp)(z)
 
-    def xent(self, q, logp):
-        """-sum(q * logp) per row with 0 * log 0 = 0; differentiable in both."""
-
+    def xent_core(self, z, q):
         @tf.custom_gradient
-        def xent(q, logp):
-            loss = -tf.reduce_sum(tf.where(q == 0, tf.zeros_like(q), q * logp), axis=-1)
-
+        def xent(z, q):
             def grad(up):
+                # The log-sum-exp is recomputed through its own op, so that a
+                # second derivative goes through closed forms again.
+                lse = self.logsumexp_core(z)
+                logp = z - tf.where(lse == _maths.NEG_INF, tf.zeros_like(lse), lse)
                 up = tf.expand_dims(up, -1)
-                # d/dq = -log p, which is +inf for an absent class; keep the
-                # convention 0 * inf = 0 where no gradient flows in.
+                # d/dq = -log p is +inf for an absent class; where no gradient
+                # flows in, keep it 0 rather than 0 * inf.
                 dq = tf.where(up == 0, tf.zeros_like(logp), -up * logp)
-                return dq, -up * q
+                return up * _maths.xent_grad(self, z, lse, q), dq
 
-            return loss, grad
+            return _maths.xent_body(self, z, q), grad
 
-        return xent(q, logp)
-
+        return xent(z, q)
 
 def _closed_form(forward, vjp):
     """``forward`` as an op whose gradient is ``vjp(z, out, d)``.
