@@ -3,9 +3,9 @@
 Every function takes the backend namespace ``xp`` first and works on the
 **last axis** (the public layer moves the class axis there). ``xp`` supplies
 elementwise and row-wise primitives (``rowsum`` and ``rowmax`` keep the
-reduced axis) plus three "core" operations that a backend may wrap with
-custom gradients: ``softmax_core``, ``log_softmax_core`` and
-``logsumexp_core``, all on already shifted logits.
+reduced axis) plus the "core" operations that a backend may wrap with
+custom gradients, all on already shifted logits: ``softmax_core``,
+``log_softmax_core``, ``logsumexp_core`` and ``xent_core``.
 
 Each formula carries a pointer to its derivation in docs/derivations.md.
 """
@@ -82,44 +82,43 @@ def log_softmax_body(xp, z):
 # -- first derivatives (derivations.md#vjp-and-jvp, #precision) -------------
 
 
-def _value_at_argmax(xp, v, p):
-    return xp.rowsum(xp.where(xp.argmax_mask(p), v, xp.zeros_like(v)))
+def softmax_vjp(xp, y, dy, top=None):
+    """dx = y * (dy - sum(dy * y)), i.e. J^T dy = J dy.
 
-
-def softmax_vjp(xp, y, dy):
-    """dx = y * (dy - sum(dy * y)), i.e. J^T dy = J dy."""
+    ``top`` is the index of each row's largest probability, shape (..., 1),
+    when the caller already knows it.
+    """
+    top = xp.argmax_index(y) if top is None else top
     # Any constant may be subtracted from dy (sum(y) = 1); subtracting dy at
     # the argmax makes the weighted sum small, so tiny components keep their
     # relative precision next to a probability of one (derivations.md#precision).
-    d = dy - _value_at_argmax(xp, dy, y)
+    d = dy - xp.take(dy, top)
     return y * (d - xp.rowsum(d * y))
 
 
-def _sum_to_zero_at_argmax(xp, g, p):
-    """Set each row's argmax component to minus the sum of the others.
+def log_softmax_vjp(xp, logp, dlogp, top=None):
+    """dx = dlogp - p * sum(dlogp); absent entries (logp = -inf) get 0.
 
-    The row sums of these gradients are zero exactly; computing the large
-    component this way avoids the cancellation in p_t - 1 (#precision).
+    At the argmax r, dlogp_r - p_r T is evaluated as
+    -sum_{c != r} dlogp_c - T expm1(logp_r), which has no cancellation when
+    p_r is close to one, and makes each row sum to zero
+    (derivations.md#precision).
     """
-    at_max = xp.argmax_mask(p)
-    others = xp.rowsum(xp.where(at_max, xp.zeros_like(g), g))
-    return xp.where(at_max, -others, g)
-
-
-def log_softmax_vjp(xp, logp, dlogp):
-    """dx = dlogp - p * sum(dlogp); absent entries (logp = -inf) get 0."""
+    top = xp.argmax_index(logp) if top is None else top
     present = logp != NEG_INF
-    p = xp.exp(logp)
-    total = xp.rowsum(xp.where(present, dlogp, xp.zeros_like(dlogp)))
-    g = xp.where(present, dlogp - p * total, xp.zeros_like(dlogp))
-    return _sum_to_zero_at_argmax(xp, g, p)
+    dlogp = xp.where(present, dlogp, xp.zeros_like(dlogp))
+    at_top = xp.index_mask(top, logp)
+    others = xp.rowsum(xp.where(at_top, xp.zeros_like(dlogp), dlogp))
+    total = others + xp.take(dlogp, top)
+    g = xp.where(present, dlogp - xp.exp(logp) * total, xp.zeros_like(dlogp))
+    return xp.where(at_top, -others - total * xp.expm1(xp.take(logp, top)), g)
 
 
 def log_softmax_jvp(xp, logp, dx):
     """J dx = dx - sum(p * dx); absent entries (logp = -inf) get 0."""
     present = logp != NEG_INF
     p = xp.exp(logp)
-    d = xp.where(present, dx - _value_at_argmax(xp, dx, p), xp.zeros_like(dx))
+    d = xp.where(present, dx - xp.take(dx, xp.argmax_index(logp)), xp.zeros_like(dx))
     return xp.where(present, d - xp.rowsum(p * d), xp.zeros_like(dx))
 
 
@@ -227,9 +226,16 @@ def _finite_or_zero(xp, lse):
 
 
 def xent_body(xp, z, q):
-    """-sum(q * log_softmax(z)) per row, with 0 * log 0 = 0."""
-    logp = z - _finite_or_zero(xp, logsumexp_body(xp, z))
-    return -xp.rowsum(xp.where(q == 0, xp.zeros_like(q), q * logp))[..., 0]
+    """``(loss, lse)`` per row: -sum(q * log_softmax(z)) and logsumexp(z).
+
+    The loss is S lse - sum(q z) with S = sum(q) and 0 * log 0 = 0; at the
+    row max z = 0 exactly, so a confident correct row's loss is the tiny
+    lse itself, to full relative precision.
+    """
+    lse = logsumexp_body(xp, z)
+    qz = xp.rowsum(xp.where(q == 0, xp.zeros_like(q), q * z))
+    loss = xp.rowsum(q) * _finite_or_zero(xp, lse) - qz
+    return loss[..., 0], lse
 
 
 def xent_grad(xp, z, lse, q):
@@ -251,15 +257,16 @@ def cross_entropy_parts(xp, x, tg, z_loss):
     """Per-example loss and the intermediates the gradient reuses.
 
     loss_n = -sum(q * logp) + z_loss * lse^2 (derivations.md#cross-entropy,
-    #z-loss). Returns ``(loss, z, m)``: the shifted logits and their shift.
+    #z-loss). Returns ``(loss, z, m, lse)``: the shifted logits, their shift
+    and the log-sum-exp of z.
     """
     z, m = shifted_logits(xp, x)
-    loss = xp.xent_core(z, tg.q)
+    loss, lse = xp.xent_core(z, tg.q)
     if z_loss:
-        zterm = z_loss * xp.square(m + xp.logsumexp_core(z))[..., 0]
+        zterm = z_loss * xp.square(m + lse)[..., 0]
         valid = _valid_rows(xp, tg, zterm)
         loss = loss + (zterm if valid is None else zterm * valid)
-    return loss, z, m
+    return loss, z, m, lse
 
 
 def reduce_loss(xp, loss, tg, reduction):
@@ -269,12 +276,11 @@ def reduce_loss(xp, loss, tg, reduction):
     return total * _scale(xp, tg, reduction, total.dtype)
 
 
-def cross_entropy_grad(xp, z, m, tg, z_loss, reduction):
+def cross_entropy_grad(xp, z, m, lse, tg, z_loss, reduction):
     """d loss / d logits = (S p - q) + 2 z_loss lse p, times the reduction's scale."""
-    lse = xp.logsumexp_core(z)
     g = xent_grad(xp, z, lse, tg.q)
     if z_loss:
-        zg = (2.0 * z_loss) * (m + lse) * softmax_body(xp, z)
+        zg = (2.0 * z_loss) * (m + lse) * xp.exp(z - _finite_or_zero(xp, lse))
         valid = _valid_rows(xp, tg, zg)
         g = g + (zg if valid is None else zg * xp.expand_dims(valid, -1))
     return g * _scale(xp, tg, reduction, g.dtype)

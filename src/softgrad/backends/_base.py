@@ -39,12 +39,12 @@ class Backend:
     # -- cross-entropy -----------------------------------------------------
 
     def cross_entropy(self, x, tg, *, z_loss, reduction):
-        loss, _, _ = _maths.cross_entropy_parts(self, x, tg, z_loss)
+        loss = _maths.cross_entropy_parts(self, x, tg, z_loss)[0]
         return _maths.reduce_loss(self, loss, tg, reduction)
 
     def cross_entropy_with_grad(self, x, tg, *, z_loss, reduction):
-        loss, z, m = _maths.cross_entropy_parts(self, x, tg, z_loss)
-        grad = _maths.cross_entropy_grad(self, z, m, tg, z_loss, reduction)
+        loss, z, m, lse = _maths.cross_entropy_parts(self, x, tg, z_loss)
+        grad = _maths.cross_entropy_grad(self, z, m, lse, tg, z_loss, reduction)
         return _maths.reduce_loss(self, loss, tg, reduction), grad
 
     def cross_entropy_hvp(self, x, tg, v, *, z_loss, reduction):
@@ -62,4 +62,5 @@ class Backend:
         return _maths.logsumexp_body(self, z)
 
     def xent_core(self, z, q):
+        """``(loss, lse)`` per row of shifted logits."""
         return _maths.xent_body(self, z, q)

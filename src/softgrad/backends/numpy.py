@@ -98,12 +98,20 @@ class NumpyBackend(Backend):
     def rowmax(self, a):
         return np.max(a, axis=-1, keepdims=True, initial=-np.inf)
 
-    def argmax_mask(self, a):
-        """One True per row, at the first maximum (all False when C = 0)."""
+    def argmax_index(self, a):
+        """Index of each row's first maximum, shape (..., 1); 0 when C = 0."""
         if a.shape[-1] == 0:
-            return np.zeros(a.shape, dtype=bool)
-        index = np.argmax(a, axis=-1)[..., None]
-        return np.arange(a.shape[-1]) == index
+            return np.zeros(a.shape[:-1] + (1,), dtype=np.intp)
+        return np.argmax(a, axis=-1)[..., None]
+
+    def take(self, v, index):
+        """v at a per-row index, shape (..., 1); 0 when C = 0."""
+        if v.shape[-1] == 0:
+            return np.zeros(v.shape[:-1] + (1,), dtype=v.dtype)
+        return np.take_along_axis(v, index, axis=-1)
+
+    def index_mask(self, index, like):
+        return np.arange(like.shape[-1]) == index
 
     def eye_like(self, y):
         return np.eye(y.shape[-1], dtype=y.dtype)

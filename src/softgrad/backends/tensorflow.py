@@ -119,11 +119,18 @@ class TensorFlowBackend(Backend):
     def rowmax(self, a):
         return tf.reduce_max(a, axis=-1, keepdims=True)
 
-    def argmax_mask(self, a):
+    def argmax_index(self, a):
         if a.shape[-1] == 0:
-            return tf.zeros_like(a, dtype=tf.bool)
-        index = tf.argmax(a, axis=-1, output_type=tf.int32)
-        return tf.equal(tf.range(tf.shape(a)[-1]), tf.expand_dims(index, -1))
+            return tf.zeros(tf.concat([tf.shape(a)[:-1], [1]], 0), tf.int32)
+        return tf.expand_dims(tf.argmax(a, axis=-1, output_type=tf.int32), -1)
+
+    def take(self, v, index):
+        if v.shape[-1] == 0:
+            return tf.zeros(tf.concat([tf.shape(v)[:-1], [1]], 0), v.dtype)
+        return tf.gather(v, index, axis=-1, batch_dims=len(v.shape) - 1)
+
+    def index_mask(self, index, like):
+        return tf.equal(tf.range(tf.shape(like)[-1]), index)
 
     def eye_like(self, y):
         return tf.eye(tf.shape(y)[-1], dtype=y.dtype)
@@ -143,61 +150,81 @@ class TensorFlowBackend(Backend):
     # -- the cores, with closed-form gradients -----------------------------
 
     def softmax_core(self, z):
-        return _closed_form(
-            lambda z: _maths.softmax_body(self, z),
-            lambda z, y, dy: _maths.softmax_vjp(self, y, dy),
-        )(z)
+        def forward(z):
+            return _maths.softmax_body(self, z), self.argmax_index(z)
+
+        def vjp(y, top, dy):
+            return _maths.softmax_vjp(self, y, dy, top)
+
+        return _closed_form(forward, vjp)(z)
 
     def log_softmax_core(self, z):
-        return _closed_form(
-            lambda z: _maths.log_softmax_body(self, z),
-            lambda z, logp, dlogp: _maths.log_softmax_vjp(self, logp, dlogp),
-        )(z)
+        def forward(z):
+            return _maths.log_softmax_body(self, z), self.argmax_index(z)
+
+        def vjp(logp, top, dlogp):
+            return _maths.log_softmax_vjp(self, logp, dlogp, top)
+
+        return _closed_form(forward, vjp)(z)
 
     def logsumexp_core(self, z):
-        def vjp(z, lse, dlse):
+        def forward(z):
+            return _maths.logsumexp_body(self, z), z
+
+        def vjp(lse, z, dlse):
             # d lse / dz = softmax(z); a row with no entry has gradient 0.
             safe = tf.where(lse == _maths.NEG_INF, tf.zeros_like(lse), lse)
             return dlse * tf.exp(z - safe)
 
-        return _closed_form(lambda z: _maths.logsumexp_body(self, z), vjp)(z)
+        return _closed_form(forward, vjp)(z)
 
     def xent_core(self, z, q):
-        @tf.custom_gradient
-        def xent(z, q):
-            def grad(up):
-                # The log-sum-exp is recomputed through its own op, so that a
-                # second derivative goes through closed forms again.
-                lse = self.logsumexp_core(z)
-                logp = z - tf.where(lse == _maths.NEG_INF, tf.zeros_like(lse), lse)
-                up = tf.expand_dims(up, -1)
-                # d/dq = -log p is +inf for an absent class; where no gradient
-                # flows in, keep it 0 rather than 0 * inf.
-                dq = tf.where(up == 0, tf.zeros_like(logp), -up * logp)
-                return up * _maths.xent_grad(self, z, lse, q), dq
+        def forward(z, q):
+            return _maths.xent_body(self, z, q), (z, q)
 
-            return _maths.xent_body(self, z, q), grad
+        def vjp(outputs, saved, dloss, dlse):
+            _, lse = outputs
+            z, q = saved
+            safe = tf.where(lse == _maths.NEG_INF, tf.zeros_like(lse), lse)
+            dloss = tf.expand_dims(dloss, -1)
+            dz = dloss * _maths.xent_grad(self, z, lse, q) + dlse * tf.exp(z - safe)
+            # d/dq = -log p is +inf for an absent class; where no gradient
+            # flows in, keep it 0 rather than 0 * inf.
+            dq = tf.where(dloss == 0, tf.zeros_like(z), -dloss * (z - safe))
+            return dz, dq
 
-        return xent(z, q)
+        return _closed_form(forward, vjp)(z, q)
 
 def _closed_form(forward, vjp):
-    """``forward`` as an op whose gradient is ``vjp(z, out, d)``.
+    """An op whose gradient is a closed form, differentiable in turn.
 
-    The rule is given the op's own output rather than the tensors inside
-    ``forward``, so differentiating the gradient again goes through this
-    rule too instead of through autodiff of the forward body (whose log1p
-    form is exact in value but not in autodiff).
+    ``forward(*inputs)`` returns ``(outputs, saved)``; the gradient is
+    ``vjp(outputs, saved, *output_gradients)``. The rule is given the op's own
+    outputs rather than the tensors inside ``forward``, so differentiating
+    the gradient again goes through this rule too instead of through
+    autodiff of the forward body (whose log1p form is exact in value but not
+    in autodiff). ``saved`` holds what else the rule needs, such as the
+    index of each row's max.
     """
 
-    def op(z):
-        output = []
+    def op(*inputs):
+        result = []
 
         @tf.custom_gradient
-        def f(z):
-            return forward(z), lambda d: vjp(z, output[0], d)
+        def f(*inputs):
+            outputs, saved = forward(*inputs)
 
-        output.append(f(z))
-        return output[0]
+            def grad(*output_gradients):
+                grads = [
+                    tf.zeros_like(o) if g is None else g
+                    for o, g in zip(tf.nest.flatten(result[0]), output_gradients)
+                ]
+                return vjp(result[0], saved, *grads)
+
+            return outputs, grad
+
+        result.append(f(*inputs))
+        return result[0]
 
     return op
 
