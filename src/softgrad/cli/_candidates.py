@@ -16,8 +16,8 @@ _VJP_FIX = "dx = softgrad.softmax_vjp(softgrad.softmax(x), dy)"
 _ZERO_WHY = (
     "Your function returns zeros because each row of the softmax Jacobian sums to "
     "zero (and so does each column: J = diag(s) − s sᵀ is symmetric). Summing J over "
-    "an axis, or applying it to a vector of ones, gives 0 for any logits, so training "
-    "silently stalls. Backprop needs Jᵀ·dy (softgrad.softmax_vjp): the Jacobian "
+    "an axis, or applying it to a vector of ones, gives 0 for any logits, and training "
+    "silently stalls. Instead, backprop needs Jᵀ·dy (softgrad.softmax_vjp): the Jacobian "
     "applied to the upstream gradient dy, s ⊙ (dy − ⟨dy, s⟩), which never builds J."
 )
 _DIAG_WHY = (

@@ -47,7 +47,7 @@ def register(commands):
 
 def run(args):
     start = time.perf_counter()
-    folder = output_dir(args.out)
+    folder = output_dir(args.out).resolve()
     tf = import_tensorflow()
     np.set_printoptions(precision=4, suppress=True, floatmode="fixed")
     _derivatives(tf, folder / "jacobian.png")
