@@ -72,7 +72,9 @@ def call(function, args, path):
         warnings.simplefilter("ignore")
         try:
             return function(*args)
-        except Exception as err:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as err:  # SystemExit too: the checker must report, not stop
             raise UserCodeError(short_traceback(err, path)) from None
 
 

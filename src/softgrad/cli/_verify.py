@@ -86,6 +86,7 @@ def error_bound(p, x, labels):
 
 def _mismatch(step, name, error, bound, ratio):
     where = np.unravel_index(np.nanargmax(np.where(np.isnan(ratio), np.inf, ratio)), ratio.shape)
-    return (f"--verify FAILED at step {step}: the hand-written gradient of {name}{list(where)} "
+    entry = ", ".join(str(int(i)) for i in where)
+    return (f"--verify FAILED at step {step}: the hand-written gradient of {name}[{entry}] "
             f"differs from tf.GradientTape autodiff by {error[where]:.3g}, above its bound "
             f"{bound[where]:.3g}")

@@ -10,9 +10,9 @@ from softgrad.cli._checker import Report, Runner, compare, make_cases, timing, t
 from softgrad.cli._usercode import UserCodeError, infer_framework, infer_kind, load_function
 
 _KINDS = {
-    "logits": "f(x), logits",
-    "upstream": "f(x, dy), logits and an upstream gradient",
-    "labels": "f(x, y), logits and labels",
+    "logits": "f(x): logits only",
+    "upstream": "f(x, dy): logits and an upstream gradient",
+    "labels": "f(x, y): logits and labels",
 }
 _EPILOG = """\
 The function's result is compared, on several random inputs including a batch
@@ -191,7 +191,7 @@ def render(report, target):
     """The report as the text ``softgrad check`` prints."""
     lines = [
         f"softgrad check {target}",
-        f"  kind: {report.kind}: {_KINDS[report.kind]};  framework: {report.framework};"
+        f"  kind: {report.kind} ({_KINDS[report.kind]});  framework: {report.framework};"
         f"  dtype: {report.dtype}",
         "  inputs: " + ", ".join(report.inputs),
         "",

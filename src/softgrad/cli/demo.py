@@ -47,14 +47,14 @@ def register(commands):
 
 def run(args):
     start = time.perf_counter()
-    folder = output_dir(args.out).resolve()
+    folder = output_dir(args.out)
     tf = import_tensorflow()
     np.set_printoptions(precision=4, suppress=True, floatmode="fixed")
     _derivatives(tf, folder / "jacobian.png")
     _mistakes()
     training = _training(folder / "training.png")
     _heading("Done")
-    print(f"pictures: {folder / 'jacobian.png'}, {training}")
+    print(f"pictures: {folder / 'jacobian.png'} and {training}")
     print(f"finished in {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -67,6 +67,7 @@ def _derivatives(tf, picture):
     _heading("1. Softmax and its derivatives, NumPy and TensorFlow, against tf.GradientTape")
     x_tf, dy_tf = tf.constant(_LOGITS), tf.constant(_UPSTREAM)
     print(f"logits x (2 rows, 4 classes):\n{_LOGITS}")
+    print(f"upstream gradient dy, for the VJP:\n{_UPSTREAM}\nlabels, for the cross-entropy: {_LABELS}")
     reference = _autodiff(tf, x_tf, dy_tf)
     shown = (
         ("softmax s = softgrad.softmax(x); each row sums to 1", "softmax",
@@ -87,7 +88,6 @@ def _derivatives(tf, picture):
     column_sums = jacobian.sum(axis=1)
     print(f"\nthe classic mistake, J.sum(axis=1), is 0 up to rounding (largest entry "
           f"{np.abs(column_sums).max():.1e}): every column of J sums to 0")
-    print(f"upstream gradient dy used for the VJP:\n{_UPSTREAM}\nlabels: {_LABELS}")
     _jacobian_heatmap(jacobian[0], _LOGITS[0], picture)
     print(f"heatmap of J: {picture}")
 
