@@ -59,6 +59,12 @@ def tf():
     return pytest.importorskip("tensorflow")
 
 
+@pytest.fixture(scope="session")
+def tf_runner(tf):
+    """The factory behind tf_run, for tests that choose their own modes."""
+    return _runner
+
+
 @pytest.fixture(scope="session", params=["eager", "function", "xla"])
 def tf_run(request, tf):
     """Runs a TF computation eagerly, under tf.function, and under XLA."""

@@ -146,7 +146,7 @@ def cross_entropy(logits, labels, axis=-1, weight=None, ignore_index=None,
     logp = log_softmax(x)
     with np.errstate(invalid="ignore"):
         cross = -np.sum(np.where(q == 0, 0.0, q * logp), axis=-1)
-    per_example = cross + z_loss * logsumexp(x) ** 2
+    per_example = cross + z_loss * logsumexp(x) ** 2 if z_loss else cross
     return _reduce(per_example, valid, denominator, reduction)
 
 
@@ -155,7 +155,8 @@ def cross_entropy_grad(logits, labels, axis=-1, weight=None, ignore_index=None,
     """-q^T J_logsoftmax + 2 z_loss lse p, per example, times the reduction's scale."""
     x, q, valid, denominator = _targets(logits, labels, axis, weight, ignore_index, label_smoothing)
     grad = -np.einsum("...c,...cj->...j", q, log_softmax_jacobian(x))
-    grad = grad + 2 * z_loss * logsumexp(x)[..., None] * softmax(x)
+    if z_loss:
+        grad = grad + 2 * z_loss * logsumexp(x)[..., None] * softmax(x)
     grad = grad * _scale(valid, denominator, reduction)[..., None]
     return np.moveaxis(grad, -1, axis)
 

@@ -189,6 +189,16 @@ def spread(x, *, dtype, axis=-1, temperature=1.0, where=None):
     return float(d.max()) if d.size else 0.0
 
 
+# Normwise comparisons of two float64 derivative computations (softgrad's
+# closed forms against TensorFlow's autodiff of the plain reference) in the
+# TF gradient tests, whose inputs have |x| <= 3, T in [1/2, 2], weights,
+# label weights and directions in [-1, 2], at most 5 classes and at most
+# third derivatives. Every term summed in such a derivative is a product of
+# probabilities and weights (<= 2), at most three factors 1/T (<= 8) and at
+# most one shifted logit, log-probability or log-sum-exp (<= 12 + log 5 < 7 * 2),
+# i.e. at most 8 * 14 = 112: an absolute scale, shared by every entry.
+AUTODIFF_SCALE = 112
+
 # Central finite differences in float64, f'(x) ~ (f(x + h) - f(x - h)) / 2h.
 # Truncation error h^2/6 * M3, rounding error K u M0 / h, with M_k bounds on
 # the k-th derivative along the direction and K = terms + C0 (the function's
@@ -204,3 +214,10 @@ def spread(x, *, dtype, axis=-1, temperature=1.0, where=None):
 # hence an absolute bound of 8.2e-9 times the scale of the values, max(1, |f|).
 FD_STEP = 2.0**-17
 FD_ATOL = 8.2e-9
+
+# Second differences (f(x + h d) - 2 f(x) + f(x - h d)) / h^2: truncation
+# h^2/12 * M4, rounding 4 K u M0 / h^2, with the same M4 <= 800 and
+# K = 8 + 16. h = 2**-13 gives 800 * 2**-26 / 12 = 9.9e-7 and
+# 4 * 24 * 2**-53 * 2**26 = 7.2e-7, hence 1.8e-6 times max(1, |f|).
+FD2_STEP = 2.0**-13
+FD2_ATOL = 1.8e-6
