@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from softgrad.cli._candidates import Case, candidates
+from softgrad.cli._candidates import Case
 from softgrad.cli._usercode import UserCodeError, as_array, call
 
 # Rows of the large-logit case sit near these offsets: far enough apart that
