@@ -172,6 +172,12 @@ def test_check_usage_problems_are_one_line_and_exit_2(user_file, target, phrase)
     assert_one_line_error(result, phrase)
 
 
+def test_check_rejects_a_file_that_is_not_python(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("softmax notes")
+    assert_one_line_error(softgrad_cmd("check", f"{notes}:f"), "is not a Python file")
+
+
 def test_check_reports_a_file_that_fails_to_import(tmp_path):
     broken = tmp_path / "broken.py"
     broken.write_text("import numpy as np\n\ndef f(x):\n    return x +\n")

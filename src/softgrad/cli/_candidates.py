@@ -35,7 +35,6 @@ class Case:
     x: np.ndarray
     dy: np.ndarray
     labels: np.ndarray
-    large: bool = False
 
 
 @dataclass(frozen=True)

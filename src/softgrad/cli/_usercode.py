@@ -42,6 +42,8 @@ def load_function(spec):
 def _import_file(path):
     # A unique module name keeps two checked files with the same name apart.
     spec = importlib.util.spec_from_file_location(f"_softgrad_user_{abs(hash(path))}", path)
+    if spec is None:
+        raise CliError(f"{path.name} is not a Python file (expected FILE.py:FUNCTION)")
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(path.parent))  # so the file can import its neighbours
     try:
@@ -56,7 +58,7 @@ def _import_file(path):
 
 
 def short_traceback(err, path):
-    """The traceback from the first frame in the user's file onward."""
+    """A traceback of the user's own frames and the frame where the error surfaced."""
     frames = traceback.extract_tb(err.__traceback__)
     shown = [f for f in frames if Path(f.filename) == path]
     if frames and frames[-1] not in shown:

@@ -9,6 +9,7 @@ import numpy as np
 
 from softgrad.cli import _mlp
 from softgrad.cli._util import CliError, import_tensorflow, output_dir, pyplot, require
+from softgrad.cli._verify import GradientCheck
 
 _EPILOG = """\
 The data are scikit-learn's bundled handwritten digits (1797 8×8 images, no
@@ -97,20 +98,19 @@ def load_digits(seed):
     return split(x, digits.target, test_size=0.2, random_state=seed, stratify=digits.target)
 
 
-def train(config, progress=True):
+def train(config):
     """Train with hand-written backprop; returns a Result."""
     tqdm = require("tqdm", "cli").tqdm
     x_train, x_test, y_train, y_test = load_digits(config.seed)
     ops = _mlp.TensorFlowOps(import_tensorflow()) if config.backend == "tensorflow" else _mlp.NumpyOps()
-    check = _gradient_check() if config.verify else None
+    check = GradientCheck(import_tensorflow()) if config.verify else None
     rng = np.random.default_rng(config.seed)
     params = _mlp.init_params(ops, rng, x_train.shape[1], config.hidden, 10)
     adam = _mlp.Adam(ops, params, config.lr)
     data = (ops.floats(x_train), ops.ints(y_train), ops.floats(x_test))
     result = Result(config, 0.0, 0.0)
     start = time.perf_counter()
-    bar = tqdm(range(config.epochs), desc=f"training ({config.backend})", unit="epoch",
-               disable=not progress)
+    bar = tqdm(range(config.epochs), desc=f"training ({config.backend})", unit="epoch")
     for _ in bar:
         params, loss, accuracy = _epoch(ops, params, adam, data, y_train, rng, config, check)
         test_accuracy = _accuracy(ops, params, data[2], y_test)
@@ -121,12 +121,6 @@ def train(config, progress=True):
     result.test_accuracy = result.history["test_accuracy"][-1]
     result.verify = check.summary() if check else ""
     return result
-
-
-def _gradient_check():
-    from softgrad.cli._verify import GradientCheck
-
-    return GradientCheck(import_tensorflow())
 
 
 def _epoch(ops, params, adam, data, y_train, rng, config, check):
