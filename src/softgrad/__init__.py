@@ -7,6 +7,7 @@ TensorFlow tensors are passed in.
 
 from ._errors import SoftgradError
 from .cross_entropy import cross_entropy, cross_entropy_hvp, cross_entropy_with_grad
+from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_with_grad
 from .softmax import (
     log_softmax,
     log_softmax_jacobian,
@@ -33,4 +34,6 @@ __all__ = [
     "cross_entropy",
     "cross_entropy_with_grad",
     "cross_entropy_hvp",
+    "linear_cross_entropy",
+    "linear_cross_entropy_with_grad",
 ]
