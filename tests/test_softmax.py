@@ -16,6 +16,11 @@ FUNCTIONS = {"softmax": (sg.softmax, oracle.softmax), "log_softmax": (sg.log_sof
 def check(name, actual, x, dtype, *, axis=-1, temperature=1.0, where=None):
     """actual == the oracle's name(x), to the derived tolerance of this op."""
     expected = FUNCTIONS[name][1](x, axis, temperature, where)
+    if name == "log_softmax":
+        # a present entry's log-probability below the float64 range (the
+        # oracle's -inf) saturates: finite logits give finite results
+        present = np.isfinite(x) if where is None else np.isfinite(x) & where
+        expected = np.where(present & (expected == -np.inf), -np.finfo(np.float64).max, expected)
     terms = np.shape(x)[axis] if np.ndim(x) else 1
     z = spread(x, dtype=dtype, axis=axis, temperature=temperature, where=where)
     # softmax keeps componentwise relative precision; log-softmax's absolute

@@ -32,7 +32,11 @@ class Logits:
         return self.rounded(a)
 
     def rounded(self, a):
-        return a if self.xp.dtype_name(a) == self.dtype else self.xp.cast(a, self.dtype)
+        if self.xp.dtype_name(a) == self.dtype:
+            return a
+        # Finite results stay finite in float16/bfloat16 too: a value beyond
+        # their range saturates instead of rounding to inf.
+        return self.xp.cast(self.xp.saturate_to(a, self.dtype), self.dtype)
 
     def options(self, temperature, where):
         """Temperature and mask in the last-axis layout."""

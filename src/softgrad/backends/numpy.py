@@ -6,6 +6,16 @@ from .._errors import SoftgradError
 from ._base import Backend
 
 
+def _finfo(dtype_name):
+    try:
+        return np.finfo(dtype_name)
+    except (TypeError, ValueError):
+        # bfloat16 arrays come from ml_dtypes, which knows their range
+        import ml_dtypes
+
+        return ml_dtypes.finfo(dtype_name)
+
+
 class NumpyBackend(Backend):
     name = "numpy"
 
@@ -89,6 +99,11 @@ class NumpyBackend(Backend):
     def saturate(self, a):
         """Clip from below at the most negative finite float; NaN stays NaN."""
         return np.maximum(a, np.finfo(a.dtype).min)
+
+    def saturate_to(self, a, dtype_name):
+        """Clip finite values into the range of ``dtype_name``; inf and NaN kept."""
+        big = float(_finfo(dtype_name).max)
+        return np.where(np.isinf(a), a, np.clip(a, -big, big))
 
     # -- rows --------------------------------------------------------------
 

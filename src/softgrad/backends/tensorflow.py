@@ -111,6 +111,18 @@ class TensorFlowBackend(Backend):
 
         return saturate(a)
 
+    def saturate_to(self, a, dtype_name):
+        """Clip finite values into the range of ``dtype_name``; inf and NaN
+        kept, and the gradient passes straight through as in :meth:`saturate`."""
+        big = tf.constant(tf.as_dtype(dtype_name).max, a.dtype)
+
+        @tf.custom_gradient
+        def saturate_to(a):
+            inside = tf.where(a > big, big, tf.where(a < -big, -big, a))
+            return tf.where(tf.math.is_inf(a), a, inside), lambda d: d
+
+        return saturate_to(a)
+
     # -- rows --------------------------------------------------------------
 
     def rowsum(self, a):
