@@ -141,6 +141,17 @@ def test_z_loss_is_unweighted_zero_when_ignored_and_shares_the_mean_denominator(
     assert np.all(per_example[~valid] == 0)
 
 
+def test_z_loss_on_a_row_with_no_entry():
+    """Regression: lse = -inf times p = 0 made the z-loss gradient and HVP NaN."""
+    x = np.array([[0.5, -np.inf, 2.0], [-np.inf, -np.inf, -np.inf]])
+    y = np.array([[0.3, 0.0, 0.7], [0.0, 0.0, 0.0]])
+    _, grad = sg.cross_entropy_with_grad(x, y, z_loss=0.1)
+    hvp = sg.cross_entropy_hvp(x, y, np.ones_like(x), z_loss=0.1)
+    np.testing.assert_array_equal(grad[1], 0.0)
+    np.testing.assert_array_equal(hvp[1], 0.0)
+    check(sg.cross_entropy(x[:1], y[:1], z_loss=0.1), grad[:1] * 2, x[:1], y[:1], "float64", z_loss=0.1)
+
+
 @pytest.mark.parametrize("weight", [None, [1.0, 0.0, 2.0]])
 def test_mean_over_nothing_is_zero_with_zero_gradient(weight):
     """The one documented difference from PyTorch, which returns NaN."""

@@ -280,7 +280,8 @@ def cross_entropy_grad(xp, z, m, lse, tg, z_loss, reduction):
     """d loss / d logits = (S p - q) + 2 z_loss lse p, times the reduction's scale."""
     g = xent_grad(xp, z, lse, tg.q)
     if z_loss:
-        zg = (2.0 * z_loss) * (m + lse) * xp.exp(z - _finite_or_zero(xp, lse))
+        # A row with no entry has lse = -inf and p = 0: its gradient is 0, not -inf * 0.
+        zg = (2.0 * z_loss) * _finite_or_zero(xp, m + lse) * xp.exp(z - _finite_or_zero(xp, lse))
         valid = _valid_rows(xp, tg, zg)
         g = g + (zg if valid is None else zg * xp.expand_dims(valid, -1))
     return g * _scale(xp, tg, reduction, g.dtype)
@@ -290,7 +291,7 @@ def cross_entropy_hvp(xp, x, tg, v, z_loss, reduction):
     """H v = (S + 2 z_loss lse) p*(v - <p, v>) + 2 z_loss p <p, v> (#hessian)."""
     z, m = shifted_logits(xp, x)
     p = xp.softmax_core(z)
-    lse = m + xp.logsumexp_core(z) if z_loss else None
+    lse = _finite_or_zero(xp, m + xp.logsumexp_core(z)) if z_loss else None
     total_q = xp.rowsum(tg.q)
     hv = total_q * softmax_vjp(xp, p, v)
     if z_loss:
