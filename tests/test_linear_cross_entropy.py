@@ -31,7 +31,11 @@ def naive_logits(h, w, b, softcap):
 
 
 def naive(h, w, t, *, bias=None, softcap=None, chunk_size=None, **options):
-    """(loss, dh, dw, db) of cross_entropy(h @ w + b, t) from the oracle."""
+    """(loss, dh, dw, db, |G|) of cross_entropy(h @ w + b, t) from the oracle.
+
+    |G| bounds the terms of each entry of G = dloss/du, kappa (p (1 + 2 z
+    |lse|) + q): its error is relative to them, not to their difference.
+    """
     h, w = np.asarray(h, np.float64), np.asarray(w, np.float64)
     b = None if bias is None else np.asarray(bias, np.float64)
     x, u = naive_logits(h, w, b, softcap)
@@ -39,9 +43,15 @@ def naive(h, w, t, *, bias=None, softcap=None, chunk_size=None, **options):
     # Gradients of "none" are those of the sum of the per-example losses.
     grad_options = {**options, "reduction": "sum"} if options.get("reduction") == "none" else options
     g = oracle.cross_entropy_grad(x, t, **grad_options)
+    eps, z = options.get("label_smoothing", 0.0), options.get("z_loss", 0.0)
+    valid = np.ones(t.shape, bool) if options.get("ignore_index") is None else t != options["ignore_index"]
+    q = (1 - eps) * np.eye(w.shape[1])[np.where(valid, t, 0)] + eps / w.shape[1]
+    kappa = valid / max(valid.sum(), 1) if grad_options.get("reduction", "mean") == "mean" else valid
+    terms = (oracle.softmax(x) * (1 + 2 * z * np.abs(oracle.logsumexp(x)))[:, None] + q) * kappa[:, None]
     if softcap is not None:
-        g = g * (1 - np.tanh(u / softcap) ** 2)
-    return loss, g @ w.T, h.T @ g, None if b is None else g.sum(axis=0), g
+        # d/du s tanh(u / s) = sech^2(u / s); 1 - tanh^2 would cancel.
+        g, terms = g / np.cosh(u / softcap) ** 2, terms / np.cosh(u / softcap) ** 2
+    return loss, g @ w.T, h.T @ g, None if b is None else g.sum(axis=0), terms
 
 
 def check_all(actual, h, w, t, dtype, **kwargs):

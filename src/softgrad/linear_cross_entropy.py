@@ -19,7 +19,7 @@ from .backends import backend_for
 
 # The default chunk width B comes from a memory budget for the chunk's
 # working set. The gradient pass keeps about four N x B arrays alive at once
-# (the logits, tanh of them when soft-capping, the probabilities, the
+# (the logits, their scaled copy when soft-capping, the probabilities, the
 # gradient block), so B = budget / (4 * N * itemsize). With 32 MiB and
 # float32 that is B = 512 at N = 4096: 8 MiB per array, a 1/16 of the
 # 128 MiB of logits that N = 4096, V = 8192 would already need, and
@@ -269,6 +269,7 @@ class _NumpyOps:
     log1p = staticmethod(np.log1p)
     expm1 = staticmethod(np.expm1)
     tanh = staticmethod(np.tanh)
+    abs = staticmethod(np.abs)
     where = staticmethod(np.where)
     maximum = staticmethod(np.maximum)
     zeros_like = staticmethod(np.zeros_like)
@@ -309,7 +310,7 @@ def _numpy_chunks(call):
 
 
 def _numpy_logits(call, start, stop):
-    """``(x, tanh)`` of one chunk, in the compute dtype."""
+    """``(x, u / softcap)`` of one chunk, in the compute dtype."""
     h = call.hidden
     u = h @ call.weight[:, start:stop].astype(h.dtype, copy=False)
     if call.bias is not None:
@@ -352,12 +353,12 @@ def _numpy_grads(call, rows, coef):
     dw = np.empty(w.shape, dtype=w.dtype)
     db = None if call.bias is None else np.empty(call.bias.shape, dtype=call.bias.dtype)
     for start, stop in _numpy_chunks(call):
-        x, th = _numpy_logits(call, start, stop)
+        x, scaled = _numpy_logits(call, start, stop)
         local = t - start
         in_chunk = (local >= 0) & (local < stop - start)
         g = lm.chunk_grad(_NP, x, rows.m, rows.log_z, local, in_chunk, coef,
                           call.n_classes, call.label_smoothing, call.z_loss)
-        g = lm.uncapped_grad(g, th)
+        g = lm.uncapped_grad(_NP, g, scaled)
         w_k = w[:, start:stop].astype(h.dtype, copy=False)
         dh += g @ w_k.T
         dw[:, start:stop] = h.T @ g

@@ -40,6 +40,7 @@ class _TensorFlowOps:
     log1p = staticmethod(tf.math.log1p)
     expm1 = staticmethod(tf.math.expm1)
     tanh = staticmethod(tf.tanh)
+    abs = staticmethod(tf.abs)
     where = staticmethod(tf.where)
     maximum = staticmethod(tf.maximum)
     zeros_like = staticmethod(tf.zeros_like)
@@ -116,8 +117,8 @@ def _chunk_logits(plan, h, w, b, start):
     u = tf.matmul(h, w_k)
     if b is not None:
         u = u + tf.cast(tf.slice(b, [start], [plan.width]), h.dtype)
-    x, th = lm.capped(_TF, u, plan.softcap)
-    return x, th, w_k
+    x, scaled = lm.capped(_TF, u, plan.softcap)
+    return x, scaled, w_k
 
 
 @tf.function(jit_compile=True, autograph=False)
@@ -163,12 +164,12 @@ def _backward(h, w, b, t, m, log_z, coef, plan_key):
 
     def body(k, dh, dw, *db):
         start = plan.start(k)
-        x, th, w_k = _chunk_logits(plan, h, w, b, start)
+        x, scaled, w_k = _chunk_logits(plan, h, w, b, start)
         owned, limit = plan.owned(k)
         local = t - start
         g = lm.chunk_grad(_TF, x, m, log_z, local, tf.logical_and(local >= 0, local < limit), coef,
                           plan.n_classes, plan.label_smoothing, plan.z_loss)
-        g = lm.uncapped_grad(tf.where(owned, g, tf.zeros_like(g)), th)
+        g = lm.uncapped_grad(_TF, tf.where(owned, g, tf.zeros_like(g)), scaled)
         dh = dh + tf.matmul(g, w_k, transpose_b=True)
         dw_k = tf.cast(tf.matmul(h, g, transpose_a=True), w.dtype)
         first_row = start // blk
