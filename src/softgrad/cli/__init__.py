@@ -7,6 +7,7 @@ inside the commands, so ``softgrad --help`` stays instant.
 """
 
 import argparse
+import textwrap
 import sys
 
 from softgrad import __version__
@@ -61,8 +62,8 @@ def _register_bench(commands):
     parser = commands.add_parser(
         "bench",
         help="benchmark softgrad against NumPy, TensorFlow and PyTorch",
-        description="Time softgrad's kernels against naive NumPy, TensorFlow and "
-        "PyTorch (if installed) and print the table of ratios.",
+        description=textwrap.fill("Time softgrad's kernels against naive NumPy, TensorFlow and "
+        "PyTorch (if installed) and print the table of ratios."),
         epilog="examples:\n  softgrad bench --quick\n  softgrad bench --out results/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -114,7 +114,8 @@ def _upstream():
         return sg.softmax(case.x)
 
     return [
-        Candidate("the VJP Jᵀ·dy = s ⊙ (dy − ⟨dy, s⟩)", lambda c: sg.softmax_vjp(s(c), c.dy), True,
+        Candidate("the VJP Jᵀ·dy = s ⊙ (dy − ⟨dy, s⟩)",
+                  lambda c: sg.softmax_vjp(s(c), c.dy), True,
                   "This is Jᵀ·dy, exactly what backprop needs, in O(N·C).", _VJP_FIX),
         Candidate("the JVP J·dy (equal to the VJP: J is symmetric)",
                   lambda c: sg.softmax_jvp(s(c), c.dy), True,

@@ -133,7 +133,8 @@ def _second_parameter_kind(name):
 def infer_framework(module):
     """'tensorflow' when the user's module uses TensorFlow, else 'numpy'."""
     for value in vars(module).values():
-        owner = getattr(value, "__name__", None) if inspect.ismodule(value) else getattr(value, "__module__", None)
+        attribute = "__name__" if inspect.ismodule(value) else "__module__"
+        owner = getattr(value, attribute, None)
         if isinstance(owner, str) and owner.split(".")[0] in ("tensorflow", "keras"):
             return "tensorflow"
     return "numpy"

@@ -35,9 +35,9 @@ def register(commands):
     parser = commands.add_parser(
         "check",
         help="check a hand-written softmax derivative",
-        description="Import FUNCTION from FILE.py, run it on random logits, and say "
+        description=textwrap.fill("Import FUNCTION from FILE.py, run it on random logits, and say "
         "which softmax-related quantity it computes, whether that is what backprop "
-        "needs, and which softgrad call does it right.",
+        "needs, and which softgrad call does it right."),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

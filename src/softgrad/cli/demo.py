@@ -33,10 +33,11 @@ def register(commands):
     parser = commands.add_parser(
         "demo",
         help="the guided tour: derivatives, classic mistakes, a training run",
-        description="Show softmax, its Jacobian, its VJP and the cross-entropy gradient on "
-        "NumPy and TensorFlow, each checked against tf.GradientTape autodiff; run the "
-        "classic hand-written mistakes through 'softgrad check'; train a small "
-        "classifier. Needs no network; pictures go to --out.",
+        description=textwrap.fill(
+            "Show softmax, its Jacobian, its VJP and the cross-entropy gradient on NumPy "
+            "and TensorFlow, each checked against tf.GradientTape autodiff; run the classic "
+            "hand-written mistakes through 'softgrad check'; train a small classifier. "
+            "Needs no network; pictures go to --out."),
         epilog="examples:\n  softgrad demo\n  softgrad demo --out /tmp/softgrad-pictures",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

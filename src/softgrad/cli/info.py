@@ -1,6 +1,7 @@
 """``softgrad info``: versions, importable backends, the active compute path."""
 
 import argparse
+import textwrap
 import importlib
 import platform
 from importlib import metadata
@@ -17,8 +18,8 @@ def register(commands):
     parser = commands.add_parser(
         "info",
         help="print versions, backends and compute paths",
-        description="Print the versions of softgrad and its dependencies, which "
-        "backends can be imported, and which compute path the NumPy backend uses.",
+        description=textwrap.fill("Print the versions of softgrad and its dependencies, which "
+        "backends can be imported, and which compute path the NumPy backend uses."),
         epilog="example:\n  softgrad info",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,6 +1,7 @@
 """``softgrad train``: a digits classifier trained with hand-written backprop."""
 
 import argparse
+import textwrap
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -49,8 +50,8 @@ def register(commands):
     parser = commands.add_parser(
         "train",
         help="train a digits classifier with hand-written backprop",
-        description="Train a one-hidden-layer softmax classifier on the digits data set "
-        "with backprop written by hand from softgrad's primitives.",
+        description=textwrap.fill("Train a one-hidden-layer softmax classifier on the digits data set "
+        "with backprop written by hand from softgrad's primitives."),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -102,7 +103,8 @@ def train(config):
     """Train with hand-written backprop; returns a Result."""
     tqdm = require("tqdm", "cli").tqdm
     x_train, x_test, y_train, y_test = load_digits(config.seed)
-    ops = _mlp.TensorFlowOps(import_tensorflow()) if config.backend == "tensorflow" else _mlp.NumpyOps()
+    tensorflow = config.backend == "tensorflow"
+    ops = _mlp.TensorFlowOps(import_tensorflow()) if tensorflow else _mlp.NumpyOps()
     check = GradientCheck(import_tensorflow()) if config.verify else None
     rng = np.random.default_rng(config.seed)
     params = _mlp.init_params(ops, rng, x_train.shape[1], config.hidden, 10)
@@ -148,7 +150,8 @@ def _accuracy(ops, params, x, labels):
 def save(result, folder):
     """Write training.png and metrics.json; returns their paths."""
     picture, metrics = folder / "training.png", folder / "metrics.json"
-    plot_history(result.history, picture, f"Digits MLP, hand-written backprop ({result.config.backend})")
+    title = f"Digits MLP, hand-written backprop ({result.config.backend})"
+    plot_history(result.history, picture, title)
     summary = {"test_accuracy": result.test_accuracy, "train_seconds": round(result.seconds, 3),
                "config": asdict(result.config), "history": result.history,
                "verify": result.verify or None}
@@ -162,7 +165,8 @@ def plot_history(history, path, title):
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
     left.plot(epochs, history["loss"], marker="o", markersize=3)
     left.set(title="Training loss (mean cross-entropy)", xlabel="epoch", ylabel="loss", yscale="log")
-    right.plot(epochs, history["train_accuracy"], marker="o", markersize=3, label="training batches, during the epoch")
+    right.plot(epochs, history["train_accuracy"], marker="o", markersize=3,
+               label="training batches, during the epoch")
     right.plot(epochs, history["test_accuracy"], marker="s", markersize=3, label="held-out 20%")
     right.set(title="Accuracy", xlabel="epoch", ylabel="fraction correct")
     right.legend(loc="lower right")
