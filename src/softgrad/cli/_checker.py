@@ -152,6 +152,7 @@ def timing(runner, candidate, dtype, seed=0):
 
 
 def _best_of(thunk, runs=3):
+    thunk()  # warm-up: compiling kernels or tracing graphs is not what we compare
     best = math.inf
     for _ in range(runs):
         start = time.perf_counter()
