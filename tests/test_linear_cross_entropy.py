@@ -163,9 +163,10 @@ def test_default_chunk_size_follows_the_memory_budget():
     assert sg.linear_cross_entropy.__module__ == "softgrad.linear_cross_entropy"
     from softgrad.linear_cross_entropy import default_chunk_size
 
-    assert default_chunk_size(4096, 32768, 4) == 512
-    assert default_chunk_size(4096, 100, 4) == 100
-    assert default_chunk_size(10**6, 32768, 4) == 128
+    assert default_chunk_size(4096, 32768, 4, "tensorflow") == 512
+    assert default_chunk_size(4096, 32768, 4, "numpy") == 128
+    assert default_chunk_size(4096, 100, 4, "tensorflow") == 100
+    assert default_chunk_size(10**6, 32768, 8, "numpy") == 128
 
 
 # -- memory ------------------------------------------------------------------

@@ -18,15 +18,18 @@ from ._errors import SoftgradError
 from .backends import backend_for
 
 # The default chunk width B comes from a memory budget for the chunk's
-# working set. The gradient pass keeps about four N x B arrays alive at once
-# (the logits, their scaled copy when soft-capping, the probabilities, the
-# gradient block), so B = budget / (4 * N * itemsize). With 32 MiB and
-# float32 that is B = 512 at N = 4096: 8 MiB per array, a 1/16 of the
-# 128 MiB of logits that N = 4096, V = 8192 would already need, and
-# independent of V. B is rounded down to a multiple of 128 columns (at least
-# 128) so that each chunk's matrix product stays efficient.
-_CHUNK_BUDGET_BYTES = 32 * 2**20
-_LIVE_CHUNK_ARRAYS = 4
+# working set: B = budget / (live * N * itemsize), where `live` counts the
+# N x B arrays the gradient pass holds at once. NumPy evaluates the chunk
+# maths one operation at a time, so about five are alive (logits, shifted
+# logits, probabilities, gradient block, its scaled copy); XLA fuses the
+# elementwise maths into the two matrix products, leaving about two (logits
+# and gradient block). With 16 MiB and float32 at N = 4096 that is B = 128
+# (NumPy) and B = 512 (TensorFlow): at most 16 MiB of chunk arrays next to
+# the 512 MiB that the logits of V = 32768 would take, independent of V.
+# B is rounded down to a multiple of 128 columns (at least 128) so that each
+# chunk's matrix product stays efficient.
+_CHUNK_BUDGET_BYTES = 16 * 2**20
+_LIVE_CHUNK_ARRAYS = {"numpy": 5, "tensorflow": 2}
 _CHUNK_ALIGN = 128
 # A graph with an unknown batch size is budgeted as if it had this many rows.
 _ROWS_IF_UNKNOWN = 4096
@@ -61,8 +64,9 @@ def linear_cross_entropy(
         labels: integer class indices of shape ``hidden.shape[:-1]``.
         bias: optional float array of shape ``(V,)``.
         chunk_size: columns per chunk; any width >= 1 works (widths above V
-            mean one chunk). By default it comes from a 32 MiB budget for
-            the chunk's working set.
+            mean one chunk). By default it comes from a 16 MiB budget for
+            the chunk's working set (512 columns for 4096 float32 rows in
+            TensorFlow, 128 in NumPy).
         softcap: optional s > 0; the logits become ``s * tanh(x / s)``.
         ignore_index, label_smoothing, reduction, z_loss: as in
             :func:`softgrad.cross_entropy` (integer labels, no class weights).
@@ -126,9 +130,10 @@ def linear_cross_entropy_with_grad(
     return call.output(loss), call.like_hidden(dh), dw, db
 
 
-def default_chunk_size(n_rows, n_classes, itemsize):
+def default_chunk_size(n_rows, n_classes, itemsize, backend="numpy"):
     """Columns per chunk under the memory budget above (at most n_classes)."""
-    width = _CHUNK_BUDGET_BYTES // (_LIVE_CHUNK_ARRAYS * max(n_rows, 1) * itemsize)
+    live = _LIVE_CHUNK_ARRAYS[backend]
+    width = _CHUNK_BUDGET_BYTES // (live * max(n_rows, 1) * itemsize)
     width = max(_CHUNK_ALIGN, width // _CHUNK_ALIGN * _CHUNK_ALIGN)
     return max(1, min(width, n_classes))
 
@@ -154,7 +159,7 @@ class _Call:
         t = self._labels(labels)
         self.hidden = xp.reshape(h, (-1, n_features))
         self.labels = xp.reshape(t, (-1,))
-        self.chunk_size = _chunk_size(chunk_size, self._rows(), self.n_classes, self.hidden)
+        self.chunk_size = _chunk_size(chunk_size, self._rows(), self.n_classes, self.hidden, xp.name)
         if xp.name == "numpy":
             self.valid = (
                 np.ones(self.labels.shape, dtype=bool)
@@ -246,10 +251,10 @@ def _softcap(value):
     return float(value)
 
 
-def _chunk_size(value, n_rows, n_classes, hidden):
+def _chunk_size(value, n_rows, n_classes, hidden, backend):
     if value is None:
         itemsize = 8 if hidden.dtype.name == "float64" else 4
-        return default_chunk_size(n_rows, n_classes, itemsize)
+        return default_chunk_size(n_rows, n_classes, itemsize, backend)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise SoftgradError(f"chunk_size must be None or an int >= 1, got {value!r}")
     return min(value, n_classes)
