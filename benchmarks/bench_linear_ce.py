@@ -1,0 +1,303 @@
+"""Linear + cross-entropy, forward and backward: softgrad's chunked paths against the plain ones.
+
+    python benchmarks/bench_linear_ce.py            # the two shapes of issue 5 and the memory sweep
+    python benchmarks/bench_linear_ce.py --quick    # smaller shapes, fewer runs
+
+Every (case, shape) runs in a fresh interpreter, so that one case's memory
+cannot be reused by the next: inputs are made, one call warms up (and
+compiles), then `--runs` timed calls give the median and the spread
+(min-max), and one more call gives ``peak_MiB``, the peak memory above what
+was held before it (the inputs, the frameworks), counted by
+
+* TensorFlow's allocator (``tf.config.experimental.get_memory_info``), for
+  the TF cases;
+* ``tracemalloc``, which NumPy reports every array to, for the NumPy case;
+* the growth of the process's peak resident memory (VmHWM after resetting
+  it) for PyTorch, which keeps no count of CPU memory; large blocks are
+  returned to the system on free (MALLOC_MMAP_THRESHOLD_), so each
+  allocation shows.
+
+The peak includes the gradients themselves (dW is D*V*4 bytes, dh N*D*4),
+which every path must produce. Results are appended to
+benchmarks/results/linear_ce.csv; the plot of peak memory against V goes to
+benchmarks/results/linear_ce_memory.png.
+"""
+
+import argparse
+import csv
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+RESULTS = pathlib.Path(__file__).with_name("results")
+SHAPES = [(4096, 256, 32768), (2048, 256, 131072)]
+QUICK_SHAPES = [(1024, 128, 16384)]
+SWEEP_N, SWEEP_D = 2048, 256
+SWEEP_V = [4096, 8192, 16384, 32768, 65536, 131072]
+QUICK_SWEEP_V = [2048, 8192, 32768]
+CASES = ["tf_plain", "tf_plain_xla", "tf_softgrad", "numpy_softgrad", "torch_plain", "torch_chunked"]
+SWEEP_CASES = ["tf_plain", "tf_softgrad", "torch_plain", "torch_chunked"]
+MiB = 2**20
+
+
+# -- the cases: each returns a function that runs forward + backward once --
+
+
+def _inputs(n, d, v):
+    rng = np.random.default_rng(0)
+    h = rng.standard_normal((n, d), dtype=np.float32)
+    w = (rng.standard_normal((d, v), dtype=np.float32) / np.sqrt(d)).astype(np.float32)
+    t = rng.integers(0, v, size=n)
+    return h, w, t
+
+
+def _tf_case(name, h, w, t):
+    import tensorflow as tf
+
+    import softgrad as sg
+
+    h, w, t = tf.constant(h), tf.constant(w), tf.constant(t)
+
+    def plain(h, w, t):
+        with tf.GradientTape() as tape:
+            tape.watch([h, w])
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(t, tf.matmul(h, w)))
+        return loss, tape.gradient(loss, [h, w])
+
+    def chunked(h, w, t):
+        with tf.GradientTape() as tape:
+            tape.watch([h, w])
+            loss = sg.linear_cross_entropy(h, w, t)
+        return loss, tape.gradient(loss, [h, w])
+
+    body = chunked if name == "tf_softgrad" else plain
+    step = tf.function(body, jit_compile=name == "tf_plain_xla")
+
+    def run():
+        loss, grads = step(h, w, t)
+        return float(loss), grads
+
+    return run
+
+
+def _numpy_case(h, w, t):
+    import softgrad as sg
+
+    return lambda: sg.linear_cross_entropy_with_grad(h, w, t)
+
+
+def _torch_case(name, h, w, t):
+    import torch
+    import torch.nn.functional as F
+
+    h = torch.from_numpy(h).requires_grad_()
+    t = torch.from_numpy(t)
+    if name == "torch_plain":
+        w = torch.from_numpy(w).requires_grad_()
+
+        def loss():
+            return F.cross_entropy(h @ w, t)
+    else:
+        # PyTorch's weight is (V, D), like nn.Linear.
+        w = torch.from_numpy(np.ascontiguousarray(w.T)).requires_grad_()
+        options = torch.nn.LinearCrossEntropyOptions()
+
+        def loss():
+            return F.linear_cross_entropy(h, w, t, options=options)
+
+    def run():
+        h.grad = w.grad = None
+        value = loss()
+        value.backward()
+        return float(value), (h.grad, w.grad)
+
+    return run
+
+
+def make_case(name, n, d, v):
+    h, w, t = _inputs(n, d, v)
+    if name.startswith("tf_"):
+        return _tf_case(name, h, w, t)
+    if name.startswith("torch_"):
+        return _torch_case(name, h, w, t)
+    return _numpy_case(h, w, t)
+
+
+# -- measuring, in the child process ----------------------------------------
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _peak_rss(run):
+    """MiB by which the peak resident memory grows during one call."""
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident size
+    result = run()
+    peak = _status_kib("VmHWM") - before
+    del result
+    return peak / 1024, "rss"
+
+
+def _peak_tf(run):
+    import tensorflow as tf
+
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+    result = run()
+    peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
+    del result
+    return peak / MiB, "tf allocator"
+
+
+def _peak_traced(run):
+    import tracemalloc
+
+    tracemalloc.start()
+    result = run()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    del result
+    return peak / MiB, "tracemalloc"
+
+
+def measure(name, n, d, v, runs):
+    run = make_case(name, n, d, v)
+    run()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        result = run()
+        times.append(time.perf_counter() - start)
+        del result
+    peak = {"tf": _peak_tf, "numpy": _peak_traced, "torch": _peak_rss}[name.split("_")[0]]
+    peak_mib, method = peak(run)
+    return {
+        "time_s": float(np.median(times)),
+        "time_min_s": min(times),
+        "time_max_s": max(times),
+        "peak_MiB": peak_mib,
+        "memory_by": method,
+    }
+
+
+# -- the parent: one child per measurement, then the table, CSV and plot ----
+
+
+def run_child(name, n, d, v, runs):
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    args = [sys.executable, __file__, "--child", name, str(n), str(d), str(v), str(runs)]
+    out = subprocess.run(args, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"{name} at {(n, d, v)} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def available(name):
+    module = {"tf": "tensorflow", "torch": "torch"}.get(name.split("_")[0])
+    if module is None:
+        return True
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def table(rows):
+    """The results, with each case's ratios to plain TF at the same shape."""
+    base = {(r["N"], r["V"]): r for r in rows if r["case"] == "tf_plain"}
+    print(f"{'case':<15} {'N':>5} {'D':>4} {'V':>7} {'time_s':>7} {'min-max_s':>13} {'peak_MiB':>9} "
+          f"{'memory_by':<13} {'time/tf_plain':>13} {'peak/tf_plain':>13}")
+    for r in rows:
+        b = base.get((r["N"], r["V"]))
+        time_ratio = r["time_s"] / b["time_s"] if b else float("nan")
+        mem_ratio = r["peak_MiB"] / b["peak_MiB"] if b else float("nan")
+        print(f"{r['case']:<15} {r['N']:>5} {r['D']:>4} {r['V']:>7} {r['time_s']:>7.3f} "
+              f"{r['time_min_s']:>6.3f}-{r['time_max_s']:<6.3f} {r['peak_MiB']:>9.1f} {r['memory_by']:<13} "
+              f"{time_ratio:>13.2f} {mem_ratio:>13.3f}")
+
+
+def write_csv(rows):
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / "linear_ce.csv"
+    fields = ["date", "machine", "case", "N", "D", "V", "time_s", "time_min_s", "time_max_s",
+              "peak_MiB", "memory_by"]
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fields, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        stamp = time.strftime("%Y-%m-%d %H:%M")
+        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        for r in rows:
+            writer.writerow({"date": stamp, "machine": machine, **r})
+    return path
+
+
+def plot(sweep):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name in SWEEP_CASES:
+        pts = [(r["V"], r["peak_MiB"]) for r in sweep if r["case"] == name]
+        if pts:
+            ax.loglog(*zip(*pts), marker="o", label=name)
+    ax.set_xlabel("vocabulary size V")
+    ax.set_ylabel("peak memory above inputs (MiB)")
+    ax.set_title(f"Linear + cross-entropy, fwd + bwd, N={SWEEP_N}, D={SWEEP_D}, float32")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = RESULTS / "linear_ce_memory.png"
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, 3 runs")
+    parser.add_argument("--runs", type=int, default=None)
+    parser.add_argument("--no-sweep", action="store_true", help="skip the memory-against-V plot")
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        name, n, d, v, runs = args.child
+        print(json.dumps(measure(name, int(n), int(d), int(v), int(runs))))
+        return
+    runs = args.runs or (3 if args.quick else 5)
+    cases = [c for c in CASES if available(c)]
+    missing = sorted(set(CASES) - set(cases))
+    if missing:
+        print(f"skipped (framework not installed): {', '.join(missing)}")
+    rows = []
+    for n, d, v in QUICK_SHAPES if args.quick else SHAPES:
+        for name in cases:
+            rows.append({"case": name, "N": n, "D": d, "V": v, **run_child(name, n, d, v, runs)})
+    table(rows)
+    print(f"results appended to {write_csv(rows)}")
+    if not args.no_sweep:
+        sweep = []
+        for v in QUICK_SWEEP_V if args.quick else SWEEP_V:
+            for name in (c for c in SWEEP_CASES if c in cases):
+                sweep.append({"case": name, "N": SWEEP_N, "D": SWEEP_D, "V": v,
+                              **run_child(name, SWEEP_N, SWEEP_D, v, 1)})
+        write_csv(sweep)
+        print(f"memory against V: {plot(sweep)}")
+
+
+if __name__ == "__main__":
+    main()
