@@ -8,6 +8,7 @@ from tolerances import _finfo
 
 NUMPY_DTYPES = ("float16", "float32", "float64")
 TF_DTYPES = ("bfloat16", "float16", "float32", "float64")
+BACKEND_DTYPES = tuple(("numpy", d) for d in NUMPY_DTYPES) + tuple(("tensorflow", d) for d in TF_DTYPES)
 
 
 def cast(values, dtype):
@@ -18,6 +19,16 @@ def cast(values, dtype):
 
             return np.asarray(values).astype(bfloat16)
         return np.asarray(values).astype(dtype)
+
+
+def on_backend(backend, values, dtype):
+    """values rounded to dtype, as a NumPy array or an eager TF tensor."""
+    a = cast(values, dtype)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.constant(a)
+    return a
 
 
 @st.composite

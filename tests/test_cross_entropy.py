@@ -10,8 +10,8 @@ from hypothesis.extra import numpy as hnp
 
 import oracle
 import softgrad as sg
-from strategies import NUMPY_DTYPES, TF_DTYPES, cast, logits, shape_and_axis
-from tolerances import assert_close, spread, to_float64
+from strategies import BACKEND_DTYPES, NUMPY_DTYPES, TF_DTYPES, cast, logits, on_backend, shape_and_axis
+from tolerances import assert_close, assert_within, bound, spread, to_float64
 
 
 def scales(x, labels, axis=-1, *, weight=None, ignore_index=None, label_smoothing=0.0,
@@ -106,6 +106,46 @@ def test_matches_oracle(reduction, data, dtype, soft, smoothing, z_loss):
     assert np.shape(loss) == (batch if reduction == "none" else ())
     assert grad.shape == shape and grad.dtype == np.dtype(dtype)
     check(loss, grad, x, labels.astype(np.float64) if soft else labels, dtype, axis=axis, **options)
+
+
+@given(data=st.data(), backend_dtype=st.sampled_from(BACKEND_DTYPES), soft=st.booleans(),
+       reduction=st.sampled_from(["mean", "sum", "none"]))
+def test_with_grad_equals_the_autodiff_gradient(tf, data, backend_dtype, soft, reduction):
+    """cross_entropy_with_grad's gradient = TF autodiff of the plain reference (float64),
+    and, for tensors, = autodiff of cross_entropy through softgrad's own custom gradient."""
+    ref = pytest.importorskip("tf_reference")
+    backend, dtype = backend_dtype
+    shape, axis = data.draw(shape_and_axis(max_dims=3, min_classes=1))
+    x = data.draw(logits(dtype, shape, extreme=False))
+    batch = shape[: axis % len(shape)] + shape[axis % len(shape) + 1 :]
+    if soft:
+        labels = cast(data.draw(hnp.arrays(np.float64, shape, elements=st.floats(0, 1))), dtype).astype(np.float64)
+    else:
+        labels = data.draw(hnp.arrays(np.int64, batch, elements=st.integers(0, shape[axis] - 1)))
+    options = dict(label_smoothing=0.1, z_loss=1e-3, reduction=reduction)
+    # "none": each row of dlogits is the gradient of its own loss, i.e. of the sum
+    summed = {**options, "reduction": "sum" if reduction == "none" else reduction}
+    last = tf.constant(np.moveaxis(x, axis, -1))
+    with tf.GradientTape() as tape:
+        tape.watch(last)
+        y = tf.constant(np.moveaxis(labels, axis, -1)) if soft else labels
+        reference_loss = ref.cross_entropy(last, y, **summed)
+    reference = np.moveaxis(tape.gradient(reference_loss, last).numpy(), -1, axis)
+    args = [on_backend(backend, x, dtype), on_backend(backend, labels, dtype) if soft else labels]
+    _, grad = sg.cross_entropy_with_grad(*args, axis=axis, **options)
+    _, grad_scale = scales(x, labels, axis, **options)
+    n_classes = shape[axis]
+    terms = n_classes + int(np.prod(shape)) // n_classes
+    z = spread(x, dtype=dtype, axis=axis)
+    # the float64 reference has its own float64 error on top of softgrad's
+    tol = bound(dtype, terms=terms, spread=z, scale=grad_scale, expected=reference) + bound(
+        "float64", terms=terms, spread=z, scale=grad_scale)
+    assert_within(grad, reference, tol, err_msg="with_grad")
+    if backend == "tensorflow":
+        with tf.GradientTape() as tape:
+            tape.watch(args[0])
+            loss = tf.reduce_sum(sg.cross_entropy(*args, axis=axis, **summed))
+        assert_within(tape.gradient(loss, args[0]), reference, tol, err_msg="autodiff of cross_entropy")
 
 
 @pytest.mark.parametrize("dtype", TF_DTYPES)

@@ -10,7 +10,7 @@ from hypothesis.extra import numpy as hnp
 
 import oracle
 import softgrad as sg
-from strategies import NUMPY_DTYPES, TF_DTYPES, cast, cotangents, logits, shape_and_axis
+from strategies import BACKEND_DTYPES, TF_DTYPES, cast, cotangents, logits, on_backend, shape_and_axis
 from tolerances import assert_close, assert_within, bound, spread, to_float64
 
 
@@ -71,18 +71,20 @@ def test_soft_labels(options):
     check(sg.cross_entropy_hvp(x, y, v, **options), x, y, v, "float64", **options)
 
 
-@given(data=st.data(), dtype=st.sampled_from(NUMPY_DTYPES), reduction=st.sampled_from(["mean", "sum", "none"]),
-       z_loss=st.sampled_from([0.0, 0.01]))
-def test_equals_the_jacobian_of_the_gradient(data, dtype, reduction, z_loss):
+@given(data=st.data(), backend_dtype=st.sampled_from(BACKEND_DTYPES),
+       reduction=st.sampled_from(["mean", "sum", "none"]), z_loss=st.sampled_from([0.0, 0.01]))
+def test_equals_the_jacobian_of_the_gradient(data, backend_dtype, reduction, z_loss):
     """The oracle's Hessian is the Jacobian of S p - q + 2 z lse p, built explicitly."""
+    backend, dtype = backend_dtype
     shape, axis = data.draw(shape_and_axis(max_dims=3, min_classes=1))
     x = data.draw(logits(dtype, shape, extreme=False))
     batch = shape[: axis % len(shape)] + shape[axis % len(shape) + 1 :]
     labels = data.draw(hnp.arrays(np.int64, batch, elements=st.integers(0, shape[axis] - 1)))
-    v = cast(data.draw(cotangents(shape)), dtype)
-    out = sg.cross_entropy_hvp(cast(x, dtype), labels, v, axis=axis, reduction=reduction, z_loss=z_loss)
-    assert out.dtype == np.dtype(dtype) and out.shape == shape
-    check(out, x, labels, v.astype(np.float64), dtype, axis=axis, reduction=reduction, z_loss=z_loss)
+    v = cast(data.draw(cotangents(shape)), dtype).astype(np.float64)
+    out = sg.cross_entropy_hvp(on_backend(backend, x, dtype), labels, on_backend(backend, v, dtype), axis=axis,
+                               reduction=reduction, z_loss=z_loss)
+    assert out.dtype.name == dtype and tuple(out.shape) == shape
+    check(out, x, labels, v, dtype, axis=axis, reduction=reduction, z_loss=z_loss)
 
 
 @given(data=st.data(), z_loss=st.sampled_from([0.0, 0.01]))

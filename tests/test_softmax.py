@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import oracle
 import softgrad as sg
-from strategies import NUMPY_DTYPES, TF_DTYPES, cast, logits, shape_and_axis
+from strategies import BACKEND_DTYPES, NUMPY_DTYPES, TF_DTYPES, cast, logits, on_backend, shape_and_axis
 from tolerances import assert_close, assert_no_worse_than_naive, spread, to_float64
 
 FUNCTIONS = {"softmax": (sg.softmax, oracle.softmax), "log_softmax": (sg.log_softmax, oracle.log_softmax)}
@@ -64,11 +64,12 @@ def test_tensorflow_modes(tf, tf_run, name, dtype):
 
 
 @pytest.mark.parametrize("name", FUNCTIONS)
-@given(data=st.data(), dtype=st.sampled_from(NUMPY_DTYPES))
-def test_rows_sum_to_one(name, data, dtype):
+@given(data=st.data(), backend_dtype=st.sampled_from(BACKEND_DTYPES))
+def test_rows_sum_to_one(name, data, backend_dtype):
+    backend, dtype = backend_dtype
     shape, axis = data.draw(shape_and_axis(min_classes=1))
     x = data.draw(logits(dtype, shape))
-    out = to_float64(FUNCTIONS[name][0](cast(x, dtype), axis=axis))
+    out = to_float64(FUNCTIONS[name][0](on_backend(backend, x, dtype), axis=axis))
     probabilities = out if name == "softmax" else np.exp(out)
     total = probabilities.sum(axis=axis)
     # a row of -inf logits is a row with nothing left: it sums to 0
@@ -77,8 +78,9 @@ def test_rows_sum_to_one(name, data, dtype):
 
 
 @pytest.mark.parametrize("name", FUNCTIONS)
-@given(data=st.data(), dtype=st.sampled_from(NUMPY_DTYPES))
-def test_shift_invariance(name, data, dtype):
+@given(data=st.data(), backend_dtype=st.sampled_from(BACKEND_DTYPES))
+def test_shift_invariance(name, data, backend_dtype):
+    backend, dtype = backend_dtype
     shape, axis = data.draw(shape_and_axis())
     quarters = data.draw(
         st.lists(st.integers(-32, 32), min_size=int(np.prod(shape)), max_size=int(np.prod(shape)))
@@ -86,9 +88,9 @@ def test_shift_invariance(name, data, dtype):
     x = np.reshape(np.array(quarters, dtype=np.float64) / 4, shape)
     # x + c is exact in dtype: x spans bits 2**-2 .. 2**3 and c = 16 j with
     # |j| <= 2**(p - 8) spans bits 2**4 .. 2**(p - 4), p the significand bits.
-    significand_bits = {"float16": 11, "float32": 24, "float64": 53}[dtype]
+    significand_bits = {"bfloat16": 8, "float16": 11, "float32": 24, "float64": 53}[dtype]
     j = data.draw(st.integers(-(2 ** (significand_bits - 8)), 2 ** (significand_bits - 8)))
-    shifted = FUNCTIONS[name][0](cast(x + 16.0 * j, dtype), axis=axis)
+    shifted = FUNCTIONS[name][0](on_backend(backend, x + 16.0 * j, dtype), axis=axis)
     check(name, shifted, x, dtype, axis=axis)
 
 
