@@ -103,9 +103,10 @@ def test_cross_entropy_second_difference(options):
              atol=FD2_ATOL, examples=examples)
 
 
-def test_tape_first_and_second_order_against_finite_differences(tf):
+def test_tape_first_and_second_order_against_finite_differences(tf, tf_run):
     """Gradients into logits, soft labels and temperature, and the tape of a
-    tape, against finite differences of softgrad's own NumPy values."""
+    tape, against finite differences of softgrad's own values (NumPy) and of
+    its own first-order tape."""
     x, d, w, _ = problem(65)
     labels = _labels(66, True)
     t = np.array([[1.5], [1.0], [2.5]])
@@ -117,15 +118,20 @@ def test_tape_first_and_second_order_against_finite_differences(tf):
                 + tf.reduce_sum(sg.log_softmax(a, temperature=temperature) * w)
                 + sg.cross_entropy(a, y, label_smoothing=0.1, z_loss=0.01))
 
-    xs, ys, ts = (tf.constant(v) for v in (x, labels, t))
-    with tf.GradientTape(persistent=True) as outer:
-        outer.watch([xs, ys, ts])
-        with tf.GradientTape() as inner:
-            inner.watch([xs, ys, ts])
-            total = value(xs, ys, ts)
-        gx, gy, gt = inner.gradient(total, [xs, ys, ts])
-        directional = tf.reduce_sum(gx * d) + tf.reduce_sum(gy * dl) + tf.reduce_sum(gt * dt)
-    hx, hy, ht = outer.gradient(directional, [xs, ys, ts])
+    def first_order(a, y, temperature):
+        """The derivative of value along (d, dl, dt), from the tape."""
+        with tf.GradientTape() as tape:
+            tape.watch([a, y, temperature])
+            total = value(a, y, temperature)
+        ga, gy, gt = tape.gradient(total, [a, y, temperature])
+        return tf.reduce_sum(ga * d) + tf.reduce_sum(gy * dl) + tf.reduce_sum(gt * dt)
+
+    def second_order(a, y, temperature):
+        with tf.GradientTape() as tape:
+            tape.watch([a, y, temperature])
+            directional = first_order(a, y, temperature)
+        ga, gy, gt = tape.gradient(directional, [a, y, temperature])
+        return directional, tf.reduce_sum(ga * d) + tf.reduce_sum(gy * dl) + tf.reduce_sum(gt * dt)
 
     def numpy_value(a, y, temperature):
         return (np.sum(sg.softmax(a, temperature=temperature) * w) + np.sum(sg.log_softmax(a, temperature=temperature) * w)
@@ -135,16 +141,7 @@ def test_tape_first_and_second_order_against_finite_differences(tf):
         """fn(x, labels, t) differentiated along (d, dl, dt) by central differences."""
         return central(lambda s: fn(x + s * d, labels + s * dl, t + s * dt), 0.0, 1.0)
 
-    first = np.sum(gx.numpy() * d) + np.sum(gy.numpy() * dl) + np.sum(gt.numpy() * dt)
+    first, second_ = tf_run(second_order, x, labels, t)
     fd_close(first, along(numpy_value), numpy_value(x, labels, t), examples=2 * x.size)
-    # the second order: finite differences of the tape's own first-order gradient
-    def tape_first(a, y, temperature):
-        a, y, temperature = (tf.constant(v) for v in (a, y, temperature))
-        with tf.GradientTape() as tape:
-            tape.watch([a, y, temperature])
-            total = value(a, y, temperature)
-        ga, gy_, gt_ = tape.gradient(total, [a, y, temperature])
-        return np.sum(ga.numpy() * d) + np.sum(gy_.numpy() * dl) + np.sum(gt_.numpy() * dt)
-
-    second_order = np.sum(hx.numpy() * d) + np.sum(hy.numpy() * dl) + np.sum(ht.numpy() * dt)
-    fd_close(second_order, along(tape_first), first, examples=2 * x.size)
+    tape_first = lambda a, y, temperature: tf_run(first_order, a, y, temperature)
+    fd_close(second_, along(tape_first), first, examples=2 * x.size)

@@ -62,6 +62,31 @@ def test_first_order_into_logits_and_temperature(tf_run, name):
     assert np.all(gx[~mask] == 0), "masked entries receive zero gradient"
 
 
+@pytest.mark.parametrize("name", ["softmax", "log_softmax", "softmax_jacobian", "log_softmax_jacobian"])
+def test_fully_masked_rows_have_zero_gradients(tf_run, name):
+    """Values 0 / -inf, first and second derivatives 0 (logits and temperature), never NaN."""
+    x, w, t, mask = inputs(49)
+    mask[1] = False
+    fn = getattr(sg, name)
+
+    def derivatives(a, temperature):
+        with tf.GradientTape(persistent=True) as outer:
+            outer.watch([a, temperature])
+            with tf.GradientTape(persistent=True) as inner:
+                inner.watch([a, temperature])
+                out = fn(a, temperature=temperature, where=mask)
+                value = tf.reduce_sum(_finite(out) * (w if out.shape == w.shape else 1.0))
+            first = inner.gradient(value, [a, temperature])
+            directional = tf.reduce_sum(first[0] * w) + tf.reduce_sum(first[1])
+        return out, first, outer.gradient(directional, [a, temperature])
+
+    out, first, second = tf_run(derivatives, x, t)
+    assert np.all(out[1] == (-np.inf if name == "log_softmax" else 0.0))
+    for g in first + second:
+        assert not np.isnan(g).any()
+        assert np.all(g[1] == 0), g[1]
+
+
 @pytest.mark.parametrize("name", ["softmax", "log_softmax"])
 def test_second_order_tape_of_tape(tf_run, name):
     x, w, t, mask = inputs(41)
