@@ -1,0 +1,197 @@
+"""Fused, multi-threaded CPU kernels for the NumPy backend.
+
+Each kernel computes one whole operation of ``softgrad._maths`` in one or two
+passes over each row, rows in parallel, without temporaries the size of the
+input: the max, then the sum of exponentials (while writing e^z where the
+output needs it), then the output. They are compiled with numba (imported on
+the first call, never at ``import softgrad``) and cached on disk, so only the
+very first call of each kernel pays for compiling it.
+
+The functions below take already-validated arrays: ``x`` 2-D ``(rows, C)``,
+C-contiguous, float32 or float64, the class axis last; other arrays of the
+same shape and dtype. They return new arrays of ``x``'s dtype. Call them
+only when :func:`enabled` is True; otherwise the backend uses the generic
+NumPy path of ``softgrad._maths``, which the kernels agree with to the
+tolerances of the test suite.
+
+Set the environment variable ``SOFTGRAD_PURE_NUMPY=1`` to force the NumPy
+path (it is read on the first call that could use a kernel); without numba
+that path is used anyway, and :func:`status` says why.
+"""
+
+import os
+
+import numpy as np
+
+from .._errors import SoftgradError
+
+__all__ = [
+    "status",
+    "enabled",
+    "softmax",
+    "log_softmax",
+    "softmax_vjp",
+    "log_softmax_vjp",
+    "softmax_jacobian",
+    "cross_entropy",
+    "cross_entropy_with_grad",
+]
+
+ENV_SWITCH = "SOFTGRAD_PURE_NUMPY"
+
+_state = {}
+_compiled = {}
+
+
+def _load():
+    if _state:
+        return
+    if os.environ.get(ENV_SWITCH, "").strip() not in ("", "0"):
+        _state.update(path="numpy", reason=f"{ENV_SWITCH}={os.environ[ENV_SWITCH]} forces the NumPy path")
+        return
+    try:
+        from . import _cross_entropy, _softmax
+    except ImportError as error:
+        _state.update(path="numpy", reason=f"numba is not available ({error}); pip install 'softgrad[fast]'")
+        return
+    import numba
+
+    _compiled.update(numba=numba, softmax=_softmax, cross_entropy=_cross_entropy)
+    _state.update(path="numba", reason=f"numba {numba.__version__} kernels, {numba.get_num_threads()} threads")
+
+
+def status() -> dict:
+    """Which path the NumPy backend takes: ``{"path": "numba" | "numpy", "reason": str}``."""
+    _load()
+    return dict(_state)
+
+
+def enabled() -> bool:
+    """True when the compiled kernels are in use."""
+    _load()
+    return _state["path"] == "numba"
+
+
+def _module(name):
+    if not enabled():
+        raise SoftgradError(f"the compiled kernels are not in use: {_state['reason']}")
+    return _compiled[name]
+
+
+# Below this many entries a kernel runs on the calling thread: waking the
+# other threads costs more than it saves, and far more on a busy machine.
+_PARALLEL_MIN = 1 << 18
+
+
+def _launch(kernel, size, *args):
+    if size >= _PARALLEL_MIN:
+        kernel(*args)
+        return
+    numba = _compiled["numba"]
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        kernel(*args)
+    finally:
+        numba.set_num_threads(threads)
+
+
+def _t(x, temperature):
+    return None if temperature == 1.0 else x.dtype.type(temperature)
+
+
+def _lowest(x):
+    return np.finfo(x.dtype).min
+
+
+def softmax(x, temperature=1.0):
+    """softmax over the last axis of ``x`` (rows, C), ``temperature`` a float > 0."""
+    out = np.empty_like(x)
+    if x.size:
+        _launch(_module("softmax").softmax, x.size, x, _t(x, temperature), out)
+    return out
+
+
+def log_softmax(x, temperature=1.0):
+    """log-softmax over the last axis of ``x`` (rows, C)."""
+    out = np.empty_like(x)
+    if x.size:
+        _launch(_module("softmax").log_softmax, x.size, x, _t(x, temperature), _lowest(x), out)
+    return out
+
+
+def softmax_vjp(y, dy):
+    """``y * (dy - sum(dy * y))`` per row, with the argmax shift for precision."""
+    out = np.empty_like(y)
+    if y.size:
+        _launch(_module("softmax").softmax_vjp, y.size, y, dy, out)
+    return out
+
+
+def log_softmax_vjp(logp, dlogp):
+    """``dlogp - exp(logp) * sum(dlogp)`` per row; 0 where logp = -inf."""
+    out = np.empty_like(logp)
+    if logp.size:
+        _launch(_module("softmax").log_softmax_vjp, logp.size, logp, dlogp, out)
+    return out
+
+
+def softmax_jacobian(y, temperature=1.0):
+    """``y_i (delta_ij - y_j) / T`` for each row of ``y`` (rows, C): shape (rows, C, C)."""
+    out = np.empty(y.shape + y.shape[-1:], dtype=y.dtype)
+    if y.size:
+        _launch(_module("softmax").softmax_jacobian, out.size, y, _t(y, temperature), out)
+    return out
+
+
+def cross_entropy(x, labels, *, weight=None, ignore_index=None, label_smoothing=0.0, z_loss=0.0, reduction="mean"):
+    """The loss of :func:`cross_entropy_with_grad`, without the gradient."""
+    loss, _ = _run_cross_entropy(x, labels, weight, ignore_index, label_smoothing, z_loss, reduction, False)
+    return loss
+
+
+def cross_entropy_with_grad(
+    x, labels, *, weight=None, ignore_index=None, label_smoothing=0.0, z_loss=0.0, reduction="mean"
+):
+    """(loss, d loss / d x) of softmax cross-entropy, as ``softgrad.cross_entropy_with_grad``.
+
+    ``labels``: integer class indices of shape (rows,), or soft labels shaped
+    and typed like ``x``. ``weight``: None or (C,) of ``x``'s dtype.
+    ``reduction``: "mean", "sum" or "none" (then ``loss`` has shape (rows,)).
+    """
+    return _run_cross_entropy(x, labels, weight, ignore_index, label_smoothing, z_loss, reduction, True)
+
+
+def _run_cross_entropy(x, labels, weight, ignore_index, eps, z_loss, reduction, want_grad):
+    dtype = x.dtype.type
+    n_rows, n_classes = x.shape
+    soft = labels.dtype.kind == "f"
+    a = dtype(1.0 - eps)
+    b = dtype(eps / n_classes) if n_classes else dtype(0)
+    if soft:
+        denominator = n_rows
+    else:
+        labels = labels.astype(np.int64, copy=False)
+        counted = labels if ignore_index is None else labels[labels != ignore_index]
+        denominator = counted.size if weight is None else np.sum(weight[counted], dtype=np.float64)
+        ignore_index = np.iinfo(np.int64).min if ignore_index is None else ignore_index
+    if reduction != "mean":
+        scale = dtype(1)
+    else:
+        # A mean over zero targets is 0 with zero gradient, not 0/0.
+        denominator = dtype(denominator)
+        scale = dtype(0) if denominator == 0 else dtype(1) / denominator
+    per_example = np.zeros(n_rows, dtype=np.float64)
+    grad = np.empty_like(x) if want_grad else None
+    if x.size:
+        kernels = _module("cross_entropy")
+        options = (a, b, float(z_loss), float(scale), _lowest(x), per_example, grad)
+        if soft:
+            _launch(kernels.with_soft_labels, x.size, x, labels, weight, *options)
+        else:
+            _launch(kernels.with_labels, x.size, x, labels, weight, ignore_index, *options)
+    if reduction == "none":
+        return per_example.astype(x.dtype), grad
+    if scale == 0:
+        return dtype(0), grad
+    return dtype(per_example.sum()) * scale, grad

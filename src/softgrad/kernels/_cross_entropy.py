@@ -1,0 +1,146 @@
+"""Cross-entropy kernels: per-example loss and, optionally, the gradient.
+
+They mirror ``_maths.cross_entropy_parts`` and ``_maths.cross_entropy_grad``
+row by row (docs/derivations.md#cross-entropy). Per example, with
+q = (a Y + b) w, S = Σ q and L = log1p(Σ_{z<0} e^z + n_top - 1):
+
+    loss = S L - Σ_{q != 0} q z  +  z_loss (m + L)^2 valid
+    grad = ((S + zc) p - q) scale,  zc = 2 z_loss (m + L) valid
+
+with the component at a row max written (S - q) + S (p - 1) + zc p, p - 1
+from the sum of the other exponentials, so that a gradient of 1e-17 next to
+a probability of one is not rounded to 0; absent entries (-inf) get 0. Both
+terms of the loss are >= 0 (z <= 0), so it keeps its relative precision too.
+
+``a`` = 1 - label_smoothing and ``b`` = label_smoothing / C, in the logits'
+dtype; ``weight`` is None for no class weights; ``grad`` is None for the
+loss alone. Integer labels equal to ``ignore_index`` count as invalid rows
+(pass a negative number for none). ``loss`` receives float64 per-example
+values; ``grad`` is written in place.
+"""
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from ._rows import blocked_sum, max_and_shift, shifted, sum_exp
+
+
+@njit
+def _q(j, row, label, soft_row, weight, a, b):
+    """q_j = (a y_j + b) w_j in the logits' dtype, rounded as ``_maths.targets`` does."""
+    if soft_row is not None:
+        y = soft_row[j]
+    else:
+        y = row.dtype.type(1) if j == label else row.dtype.type(0)
+    q = a * y + b
+    return q if weight is None else q * weight[j]
+
+
+@njit
+def _qz(j, row, m, lowest, label, soft_row, weight, a, b):
+    q = _q(j, row, label, soft_row, weight, a, b)
+    return 0.0 if q == 0 else q * np.float64(shifted(row[j], m, None, lowest))
+
+
+@njit
+def _targets(row, m, lowest, label, soft_row, weight, a, b):
+    """(Σ q, Σ_{q != 0} q z) over a row."""
+    n = row.shape[0]
+    # float64 throughout: S sits next to 1 - p and is not on the fast path.
+    s_q = blocked_sum(_q, n, 0.0, (row, label, soft_row, weight, a, b))
+    s_qz = blocked_sum(_qz, n, 0.0, (row, m, lowest, label, soft_row, weight, a, b))
+    return s_q, s_qz
+
+
+@njit
+def _grad_row(row, top_value, g, label, soft_row, weight, a, b, coef, scale, s_q, top_extra, absent, dense):
+    """g <- (coef e - q) scale, with max and absent entries written as above.
+
+    ``g`` holds e^z on entry. Without smoothing or soft labels q is one-hot,
+    so only the label entry needs q; ``dense`` says whether every entry does.
+    """
+    e_label = g[label]
+    for j in range(row.shape[0]):
+        q = _q(j, row, label, soft_row, weight, a, b) if dense else g.dtype.type(0)
+        _grad_entry(g, j, row[j], g[j], q, top_value, coef, scale, s_q, top_extra, absent)
+    if not dense:
+        q = _q(label, row, label, soft_row, weight, a, b)
+        _grad_entry(g, label, row[label], e_label, q, top_value, coef, scale, s_q, top_extra, absent)
+
+
+@njit
+def _grad_entry(g, j, x, e, q, top_value, coef, scale, s_q, top_extra, absent):
+    dtype = g.dtype.type
+    v = dtype(coef) * e - q
+    # (S - q) first: for a confident correct row it is exactly 0.
+    v = dtype((s_q - q) + top_extra) if x == top_value else v
+    v = dtype(absent) if x == -np.inf else v
+    g[j] = v * dtype(scale)
+
+
+@njit
+def _example(row, g, label, soft_row, weight, a, b, valid, z_loss, scale, lowest):
+    """The loss of one example; writes its gradient into ``g`` unless None."""
+    raw_max, m = max_and_shift(row)
+    below, n_top = sum_exp(row, m, None, lowest, g)
+    e_total = below + n_top
+    rest = below + (n_top - 1.0)
+    lse = math.log1p(rest)
+    lse0 = 0.0 if lse == -np.inf else lse
+    dense = soft_row is not None or b != 0
+    if dense:
+        s_q, s_qz = _targets(row, m, lowest, label, soft_row, weight, a, b)
+    else:
+        s_q = np.float64(_q(label, row, label, soft_row, weight, a, b))
+        s_qz = 0.0 if s_q == 0 else s_q * np.float64(shifted(row[label], m, None, lowest))
+    # With S = 0 every q may be 0, and -Σ_{q != 0} q log p is then 0 even
+    # for a NaN or empty row.
+    loss = -s_qz if s_q == 0 else s_q * lse0 - s_qz
+    zc = 0.0
+    if z_loss != 0:
+        full_lse = np.float64(m) + lse
+        loss += z_loss * full_lse * full_lse * valid
+        # A row with no entry has p = 0 and gets no z-loss gradient.
+        zc = 2.0 * z_loss * (0.0 if full_lse == -np.inf else full_lse) * valid
+    if g is not None:
+        inv = 1.0 / (e_total if e_total != 0 else 1.0)
+        coef = (s_q + zc) * inv
+        # At a max entry (z = 0) p = 1 / Σe = 1 / (1 + rest), and
+        # S p - q = (S - q) + S (p - 1) with p - 1 = -rest / (1 + rest),
+        # which keeps a tiny 1 - p that p - 1 itself would round to 0. With
+        # p <= 1/2 (ties) S p - q is better as it is: nothing to cancel.
+        top_extra = s_q * (-rest * inv) + zc * inv
+        absent = 0.0 if z_loss == 0 else zc * (0.0 * inv)
+        confident = math.isfinite(raw_max) and rest < 1.0
+        top_value = raw_max if confident else row.dtype.type(np.nan)
+        _grad_row(row, top_value, g, label, soft_row, weight, a, b, coef, scale, s_q, top_extra, absent, dense)
+    return loss
+
+
+@njit(parallel=True, cache=True)
+def with_labels(x, labels, weight, ignore_index, a, b, z_loss, scale, lowest, loss, grad):
+    """Cross-entropy with integer labels."""
+    for i in prange(x.shape[0]):
+        label = labels[i]
+        valid = label != ignore_index
+        # An ignored example has q = 0: label 0 with a = b = 0 gives exactly that.
+        ai = a if valid else x.dtype.type(0)
+        bi = b if valid else x.dtype.type(0)
+        label = label if valid else 0
+        v = 1.0 if valid else 0.0
+        if grad is None:
+            loss[i] = _example(x[i], None, label, None, weight, ai, bi, v, z_loss, scale, lowest)
+        else:
+            loss[i] = _example(x[i], grad[i], label, None, weight, ai, bi, v, z_loss, scale, lowest)
+
+
+@njit(parallel=True, cache=True)
+def with_soft_labels(x, soft, weight, a, b, z_loss, scale, lowest, loss, grad):
+    """Cross-entropy with soft labels (class probabilities)."""
+    for i in prange(x.shape[0]):
+        if grad is None:
+            loss[i] = _example(x[i], None, 0, soft[i], weight, a, b, 1.0, z_loss, scale, lowest)
+        else:
+            loss[i] = _example(x[i], grad[i], 0, soft[i], weight, a, b, 1.0, z_loss, scale, lowest)

@@ -1,0 +1,149 @@
+"""Scalar building blocks that vectorise: exp and a NaN-propagating max.
+
+Without Intel's SVML, numba lowers ``np.exp`` in a loop to a scalar libm call,
+which keeps the loop from vectorising and costs more than reading the data.
+``exp`` here is branch-free: Cody-Waite reduction ``z = t ln2 + r`` with
+``|r| <= ln2/2``, a Taylor polynomial for ``e^r`` accurate to about one unit in
+the last place, and ``2^t`` built from its bits. ``2^t`` is applied in two
+halves so that results in the subnormal range round once and results past the
+largest float overflow to inf.
+
+These functions are compiled with FMA contraction only. The kernels that call
+them may allow reassociation (it lets LLVM vectorise their row sums); the flags
+stay per function, so the range reduction here is never re-associated.
+"""
+
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+_CONSTANTS = {
+    np.float32: {
+        # outside [lowest, highest] exp is 0 or inf in float32
+        "lowest": -104.0,
+        "highest": 89.0,
+        "log2e": 1.4426950408889634,
+        "ln2_hi": 0.693145751953125,  # 16 bits: t * ln2_hi is exact
+        "ln2_lo": 1.428606765330187e-06,
+    },
+    np.float64: {
+        "lowest": -746.0,
+        "highest": 710.0,
+        "log2e": 1.4426950408889634,
+        "ln2_hi": 0.6931471803691238,  # 28 bits: t * ln2_hi is exact
+        "ln2_lo": 1.9082149292705877e-10,
+    },
+}
+
+
+@intrinsic
+def _pow2(typingctx, t):
+    """``2.0 ** t`` for an integral float ``t`` in the normal exponent range."""
+    if t == types.float32:
+        int_type, mantissa_bits, bias = ir.IntType(32), 23, 127
+    elif t == types.float64:
+        int_type, mantissa_bits, bias = ir.IntType(64), 52, 1023
+    else:
+        return None
+
+    def codegen(context, builder, signature, args):
+        n = builder.fptosi(args[0], int_type)
+        biased = builder.add(n, ir.Constant(int_type, bias))
+        bits = builder.shl(biased, ir.Constant(int_type, mantissa_bits))
+        return builder.bitcast(bits, args[0].type)
+
+    return t(t), codegen
+
+
+@intrinsic
+def maximum(typingctx, a, b):
+    """IEEE ``maximum``: NaN if either argument is NaN (LLVM vectorises it)."""
+    if a != b or a not in (types.float32, types.float64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ty = args[0].type
+        fn = builder.module.declare_intrinsic(
+            "llvm.maximum", [ty], ir.FunctionType(ty, [ty, ty])
+        )
+        return builder.call(fn, args)
+
+    return a(a, b), codegen
+
+
+def _taylor(dtype, degree):
+    return [dtype(1.0 / math.factorial(k)) for k in range(degree + 1)]
+
+
+def _make_exp(dtype, polynomial):
+    c = {k: dtype(v) for k, v in _CONSTANTS[dtype].items()}
+    lowest, highest, log2e = c["lowest"], c["highest"], c["log2e"]
+    ln2_hi, ln2_lo = c["ln2_hi"], c["ln2_lo"]
+    half = dtype(0.5)
+    zero = dtype(0.0)
+
+    def exp_impl(z):
+        # Comparisons with NaN are False, so NaN flows on into the polynomial.
+        z = lowest if z < lowest else z
+        z = highest if z > highest else z
+        t = np.floor(z * log2e + half)
+        r = (z - t * ln2_hi) - t * ln2_lo
+        p = polynomial(r)
+        # A NaN t would make the integer conversion undefined; p is NaN then.
+        t = t if t == t else zero
+        t_low = np.floor(t * half)
+        return p * _pow2(t_low) * _pow2(t - t_low)
+
+    return exp_impl
+
+
+def _polynomial7(c):
+    """Σ c_k r^k, k <= 7, as 1 + (r + r^2 Q(r)) with Q by Estrin's scheme.
+
+    Adding the 1 last leaves one rounding of significance; Estrin's short
+    dependency chain keeps the vector units busy (Horner's is 7 FMAs long).
+    """
+    c0, c1, c2, c3, c4, c5, c6, c7 = c
+
+    @njit(fastmath={"contract"})
+    def polynomial(r):
+        r2 = r * r
+        q = ((c2 + c3 * r) + (c4 + c5 * r) * r2) + (c6 + c7 * r) * (r2 * r2)
+        return c0 + (c1 * r + r2 * q)
+
+    return polynomial
+
+
+def _polynomial13(c):
+    """Σ c_k r^k, k <= 13, as in :func:`_polynomial7`."""
+    c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13 = c
+
+    @njit(fastmath={"contract"})
+    def polynomial(r):
+        r2 = r * r
+        r4 = r2 * r2
+        q_low = ((c2 + c3 * r) + (c4 + c5 * r) * r2) + ((c6 + c7 * r) + (c8 + c9 * r) * r2) * r4
+        q_high = (c10 + c11 * r) + (c12 + c13 * r) * r2
+        return c0 + (c1 * r + r2 * (q_low + q_high * (r4 * r4)))
+
+    return polynomial
+
+
+def exp(z):
+    """``np.exp(z)`` for a float32 or float64 scalar; vectorises in compiled loops."""
+    return np.exp(z)
+
+
+# Truncation after degree 7 (13) leaves r^8/8! < u/10 (r^14/14! < u/30) for |r| <= ln2/2.
+_EXP_IMPLS = {
+    types.float32: _make_exp(np.float32, _polynomial7(_taylor(np.float32, 7))),
+    types.float64: _make_exp(np.float64, _polynomial13(_taylor(np.float64, 13))),
+}
+
+
+@overload(exp, jit_options={"fastmath": {"contract"}})
+def _exp_typed(z):
+    return _EXP_IMPLS.get(z)

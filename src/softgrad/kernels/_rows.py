@@ -1,0 +1,115 @@
+"""Per-row building blocks shared by the kernels.
+
+A row of up to ~100k float32 stays in the core's L2 cache between passes, so
+only the first pass over a row reads main memory; the later ones are cheap.
+
+Sums are accumulated in blocks of ``BLOCK`` entries in the input dtype, then
+in float64 across blocks: the blocks vectorise (a float32 block sum has a few
+roundings per lane), the float64 total keeps a 10^5-term sum exact enough.
+Reassociation is allowed only in the functions that reduce; the arithmetic
+whose rounding matters (the shift, exp) lives in functions compiled without
+it, and numba keeps the flags per function.
+"""
+
+import numpy as np
+from numba import njit
+
+from ._primitives import exp, maximum
+
+BLOCK = 256
+_REDUCE = {"reassoc", "contract"}
+
+
+@njit
+def row_max(row):
+    """max of the row, NaN if the row holds a NaN, -inf if it is empty."""
+    m = row.dtype.type(-np.inf)
+    for j in range(row.shape[0]):
+        m = maximum(m, row[j])
+    return m
+
+
+@njit
+def max_and_shift(row):
+    """(row max, shift m): m is the max, or 0 for a row with no entry (all -inf)."""
+    raw = row_max(row)
+    return raw, (row.dtype.type(0) if raw == -np.inf else raw)
+
+
+@njit
+def shifted(x, m, t, lowest):
+    """z = (x - m) / t saturated at ``lowest``; -inf (absent) stays -inf.
+
+    ``t`` is None for temperature 1. A finite x next to a huge max must not
+    become -inf, which would mean absent (docs/architecture.md).
+    """
+    z = x - m
+    if t is not None:
+        z = z / t
+    z = lowest if z < lowest else z
+    return x if x == -np.inf else z
+
+
+@njit
+def _exp_entry(row, j, m, t, lowest, out):
+    """(e^z if z < 0 else 0, 1 if z = 0 else 0) for entry j; e^z stored in ``out``."""
+    z = shifted(row[j], m, t, lowest)
+    e = exp(z)
+    if out is not None:
+        out[j] = e
+    zero = row.dtype.type(0)
+    return (zero, row.dtype.type(1)) if z == 0 else (e, zero)
+
+
+@njit(fastmath=_REDUCE)
+def sum_exp(row, m, t, lowest, out):
+    """(Σ_{z<0} e^z, count of z = 0) in float64; stores e^z in ``out`` unless None.
+
+    Together they give the log1p form of log-sum-exp (docs/architecture.md).
+    The blocks are loops of constant length inside this function: LLVM
+    vectorises those, not a block function called in a loop.
+    """
+    below = 0.0
+    n_top = 0.0
+    n_blocks = row.shape[0] // BLOCK
+    for block in range(n_blocks):
+        b = row.dtype.type(0)
+        c = row.dtype.type(0)
+        for k in range(BLOCK):
+            e, top = _exp_entry(row, block * BLOCK + k, m, t, lowest, out)
+            b += e
+            c += top
+        below += b
+        n_top += c
+    b = row.dtype.type(0)
+    c = row.dtype.type(0)
+    for j in range(n_blocks * BLOCK, row.shape[0]):
+        e, top = _exp_entry(row, j, m, t, lowest, out)
+        b += e
+        c += top
+    return below + b, n_top + c
+
+
+@njit
+def first_index_of(row, value):
+    """The first j with row[j] == value, or 0 when there is none (NaN)."""
+    for j in range(row.shape[0]):
+        if row[j] == value:
+            return j
+    return 0
+
+
+@njit(fastmath=_REDUCE)
+def blocked_sum(entry, n, zero, args):
+    """Σ_{j<n} entry(j, *args): blocks of BLOCK in ``zero``'s dtype, float64 across."""
+    total = 0.0
+    n_blocks = n // BLOCK
+    for block in range(n_blocks):
+        acc = zero
+        for k in range(BLOCK):
+            acc += entry(block * BLOCK + k, *args)
+        total += acc
+    acc = zero
+    for j in range(n_blocks * BLOCK, n):
+        acc += entry(j, *args)
+    return total + acc
