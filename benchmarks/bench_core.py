@@ -1,0 +1,217 @@
+"""Benchmark cases of the softmax family and cross-entropy (issue: fast path).
+
+Each ``cases(quick)`` returns :class:`harness.Case` objects whose ``impls`` use
+the column names of the table: "softgrad", "numpy" (the naive one-liner),
+"tf" and "torch". TensorFlow and PyTorch are imported inside the factories,
+so a missing framework only empties its column.
+"""
+
+import numpy as np
+
+import softgrad
+from harness import Case
+
+
+def _data(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0.0, 3.0, shape).astype(np.float32)
+    return x, rng.integers(0, shape[-1], shape[0]), rng.normal(size=shape).astype(np.float32)
+
+
+# -- cross-entropy forward + backward -----------------------------------------
+
+
+def _naive_cross_entropy(x, labels):
+    rows = np.arange(len(labels))
+    m = x.max(axis=1, keepdims=True)
+    e = np.exp(x - m)
+    s = e.sum(axis=1, keepdims=True)
+    loss = np.mean(np.log(s[:, 0]) + m[:, 0] - x[rows, labels])
+    grad = e / s
+    grad[rows, labels] -= 1.0
+    return loss, grad / len(labels)
+
+
+def _tf_cross_entropy(x, labels):
+    import tensorflow as tf
+
+    xt, yt = tf.constant(x), tf.constant(labels)
+
+    @tf.function
+    def step(xt, yt):
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=yt, logits=xt))
+        return loss, tape.gradient(loss, xt)
+
+    return lambda: [t.numpy() for t in step(xt, yt)]
+
+
+def _torch_cross_entropy(x, labels):
+    import torch
+    import torch.nn.functional as F
+
+    xt, yt = torch.from_numpy(x).requires_grad_(True), torch.from_numpy(labels)
+
+    def step():
+        xt.grad = None
+        loss = F.cross_entropy(xt, yt)
+        loss.backward()
+        return loss.item(), xt.grad
+
+    return step
+
+
+def cross_entropy_case(shape, tf=True, torch=True):
+    x, labels, _ = _data(shape)
+    impls = {
+        "softgrad": lambda: (lambda: softgrad.cross_entropy_with_grad(x, labels)),
+        "numpy": lambda: (lambda: _naive_cross_entropy(x, labels)),
+    }
+    if tf:
+        impls["tf"] = lambda: _tf_cross_entropy(x, labels)
+    if torch:
+        impls["torch"] = lambda: _torch_cross_entropy(x, labels)
+    # read the logits, write the gradient
+    return Case("cross_entropy fwd+bwd", shape, "float32", impls, bytes_moved=2 * x.nbytes)
+
+
+# -- softmax followed by its VJP ----------------------------------------------
+
+
+def _naive_softmax_vjp(x, dy):
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    y = e / e.sum(axis=1, keepdims=True)
+    return y, y * (dy - np.sum(dy * y, axis=1, keepdims=True))
+
+
+def _softgrad_softmax_vjp(x, dy):
+    y = softgrad.softmax(x)
+    return y, softgrad.softmax_vjp(y, dy)
+
+
+def _tf_softmax_vjp(x, dy):
+    import tensorflow as tf
+
+    xt, dyt = tf.constant(x), tf.constant(dy)
+
+    @tf.function(jit_compile=True)
+    def step(xt, dyt):
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            y = tf.nn.softmax(xt)
+        return y, tape.gradient(y, xt, output_gradients=dyt)
+
+    return lambda: [t.numpy() for t in step(xt, dyt)]
+
+
+def _torch_softmax_vjp(x, dy):
+    import torch
+
+    xt, dyt = torch.from_numpy(x).requires_grad_(True), torch.from_numpy(dy)
+
+    def step():
+        y = torch.softmax(xt, dim=-1)
+        return y, torch.autograd.grad(y, xt, dyt)[0]
+
+    return step
+
+
+def softmax_vjp_case(shape, tf=True, torch=True):
+    x, _, dy = _data(shape)
+    impls = {
+        "softgrad": lambda: (lambda: _softgrad_softmax_vjp(x, dy)),
+        "numpy": lambda: (lambda: _naive_softmax_vjp(x, dy)),
+    }
+    if tf:
+        impls["tf"] = lambda: _tf_softmax_vjp(x, dy)
+    if torch:
+        impls["torch"] = lambda: _torch_softmax_vjp(x, dy)
+    # read x, write y; read y and dy, write dx
+    return Case("softmax+vjp (tf: XLA)", shape, "float32", impls, bytes_moved=5 * x.nbytes)
+
+
+# -- the explicit Jacobian ----------------------------------------------------
+
+
+def _tf_batch_jacobian(x):
+    import tensorflow as tf
+
+    xt = tf.constant(x)
+
+    @tf.function
+    def jacobian(xt):
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            y = tf.nn.softmax(xt)
+        return tape.batch_jacobian(y, xt)
+
+    return lambda: jacobian(xt).numpy()
+
+
+def _naive_jacobian(x):
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    y = e / e.sum(axis=1, keepdims=True)
+    return y[:, :, None] * (np.eye(x.shape[1], dtype=x.dtype) - y[:, None, :])
+
+
+def jacobian_case(shape, tf=True):
+    x, _, _ = _data(shape)
+    impls = {
+        "softgrad": lambda: (lambda: softgrad.softmax_jacobian(x)),
+        "numpy": lambda: (lambda: _naive_jacobian(x)),
+    }
+    if tf:
+        impls["tf"] = lambda: _tf_batch_jacobian(x)
+    out_bytes = shape[0] * shape[1] * shape[1] * x.itemsize
+    # writing the N*C*C output; the copy that measures bandwidth stays at 256 MiB
+    return Case("softmax_jacobian", shape, "float32", impls, bytes_moved=out_bytes,
+                copy_bytes=min(out_bytes, 2**28))
+
+
+# -- softgrad's TensorFlow path against TensorFlow's built-ins ----------------
+
+
+def _tf_path_cross_entropy(x, labels, jit, use_softgrad):
+    import tensorflow as tf
+
+    xt, yt = tf.constant(x), tf.constant(labels)
+
+    def loss_of(xt, yt):
+        if use_softgrad:
+            return softgrad.cross_entropy(xt, yt)
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=yt, logits=xt))
+
+    @tf.function(jit_compile=jit)
+    def step(xt, yt):
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            loss = loss_of(xt, yt)
+        return loss, tape.gradient(loss, xt)
+
+    return lambda: [t.numpy() for t in step(xt, yt)]
+
+
+def tf_path_case(shape, jit):
+    x, labels, _ = _data(shape)
+    mode = "XLA" if jit else "tf.function"
+    impls = {
+        "softgrad": lambda: _tf_path_cross_entropy(x, labels, jit, True),
+        "tf": lambda: _tf_path_cross_entropy(x, labels, jit, False),
+    }
+    return Case(f"TF path: cross_entropy fwd+bwd ({mode})", shape, "float32", impls)
+
+
+def cases(quick):
+    big = (1024, 32768)
+    return [
+        cross_entropy_case(big),
+        softmax_vjp_case(big),
+        jacobian_case((1024, 512)),
+        cross_entropy_case((65536, 10)),
+        softmax_vjp_case((65536, 10)),
+        cross_entropy_case((1000, 50257), tf=not quick, torch=not quick),
+        softmax_vjp_case((1000, 50257), tf=not quick, torch=not quick),
+        tf_path_case((256, 32768), jit=False),
+        tf_path_case((256, 32768), jit=True),
+    ]

@@ -1,0 +1,128 @@
+"""The one benchmark harness: timing, peak memory, the bandwidth bound, the CSV.
+
+A :class:`Case` is one operation at one shape with several implementations
+(softgrad, naive NumPy, TensorFlow, PyTorch, ...), each given as a factory
+that prepares its inputs and returns a no-argument function to time. Every
+implementation is warmed up (compilation, caches, first-touch page faults of
+the inputs), then timed ``runs`` times; the table reports the median and the
+spread (min and max). Peak memory is the tracemalloc peak of one extra call:
+it sees NumPy's buffers (softgrad's NumPy path, the kernels, naive NumPy) but
+not TensorFlow's or PyTorch's own allocators, whose column stays empty.
+
+The memory-bandwidth bound of a case is ``bytes_moved / bandwidth``, with the
+bandwidth measured in the same run as ``2 * nbytes / time(numpy.copyto)`` on
+a buffer as large as the case's logits (one read and one write per byte).
+"""
+
+import csv
+import datetime
+import gc
+import os
+import platform
+import statistics
+import time
+import tracemalloc
+from dataclasses import dataclass, field
+
+import numpy as np
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+CSV_COLUMNS = [
+    "timestamp", "machine", "softgrad_path", "op", "shape", "dtype", "impl",
+    "time_ms_median", "time_ms_min", "time_ms_max", "runs", "peak_mem_mib", "bound_ms",
+]
+
+
+@dataclass
+class Case:
+    """One operation at one shape; ``impls`` maps a name to a factory of a thunk.
+
+    ``bytes_moved``: the bytes a perfect implementation must read and write,
+    for the bandwidth bound (None for no bound). ``copy_bytes``: the size of
+    the buffer whose copy measures the bandwidth (default: ``bytes_moved / 2``).
+    """
+
+    op: str
+    shape: tuple
+    dtype: str
+    impls: dict
+    bytes_moved: float = None
+    copy_bytes: int = None
+    results: dict = field(default_factory=dict)
+    bound_ms: float = None
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    runs: int
+    peak_mib: float = None
+
+
+def time_thunk(thunk, *, runs, warmup, memory):
+    for _ in range(warmup):
+        thunk()
+    samples = []
+    for _ in range(runs):
+        gc.collect()
+        start = time.perf_counter()
+        thunk()
+        samples.append((time.perf_counter() - start) * 1e3)
+    peak = None
+    if memory:
+        gc.collect()
+        tracemalloc.start()
+        thunk()
+        peak = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
+    return Timing(statistics.median(samples), min(samples), max(samples), runs, peak)
+
+
+def copy_bandwidth(nbytes, runs):
+    """Bytes per millisecond that numpy.copyto moves (read + write) on ``nbytes``."""
+    src = np.ones(max(int(nbytes) // 8, 1))
+    dst = np.empty_like(src)
+    timing = time_thunk(lambda: np.copyto(dst, src), runs=runs, warmup=2, memory=False)
+    return 2 * src.nbytes / timing.median_ms
+
+
+def run_case(case, *, runs, warmup, log=print):
+    if case.bytes_moved is not None:
+        copy_bytes = case.copy_bytes or case.bytes_moved / 2
+        case.bound_ms = case.bytes_moved / copy_bandwidth(copy_bytes, runs)
+    for name, factory in case.impls.items():
+        try:
+            thunk = factory()
+        except ImportError as error:
+            log(f"  {case.op} {name}: skipped ({error})")
+            continue
+        memory = not name.startswith(("tf", "torch"))
+        case.results[name] = time_thunk(thunk, runs=runs, warmup=warmup, memory=memory)
+        del thunk
+        gc.collect()
+    return case
+
+
+def append_csv(cases, softgrad_path, path=None):
+    path = path or os.path.join(RESULTS, "results.csv")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    new = not os.path.exists(path)
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    machine = f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.system()}"
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, CSV_COLUMNS)
+        if new:
+            writer.writeheader()
+        for case in cases:
+            for impl, t in case.results.items():
+                writer.writerow({
+                    "timestamp": stamp, "machine": machine, "softgrad_path": softgrad_path,
+                    "op": case.op, "shape": "x".join(map(str, case.shape)), "dtype": case.dtype,
+                    "impl": impl, "time_ms_median": f"{t.median_ms:.3f}", "time_ms_min": f"{t.min_ms:.3f}",
+                    "time_ms_max": f"{t.max_ms:.3f}", "runs": t.runs,
+                    "peak_mem_mib": "" if t.peak_mib is None else f"{t.peak_mib:.1f}",
+                    "bound_ms": "" if case.bound_ms is None else f"{case.bound_ms:.3f}",
+                })
+    return path
