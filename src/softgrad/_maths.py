@@ -10,6 +10,7 @@ custom gradients, all on already shifted logits: ``softmax_core``,
 Each formula carries a pointer to its derivation in docs/derivations.md.
 """
 
+import functools
 import math
 
 NEG_INF = -math.inf
@@ -168,41 +169,65 @@ class Targets:
 
     q = ((1 - eps) * Y + eps / C) * w, zero for ignored examples; S = sum(q);
     ``valid`` marks the examples that count; ``denominator`` is what "mean"
-    divides by (derivations.md#cross-entropy).
+    divides by (derivations.md#cross-entropy). ``q`` and ``denominator`` are
+    built on first use: a fused kernel works from the labels themselves
+    (``labels``, ``weight``, ``ignore_index``, ``label_smoothing``) and never
+    needs the dense (N, C) q.
     """
 
-    def __init__(self, q, soft, valid, denominator):
-        self.q = q
-        self.soft = soft
-        self.valid = valid
-        self.denominator = denominator
+    def __init__(self, xp, labels, n_classes, dtype, *, soft, weight, ignore_index, label_smoothing):
+        self._xp, self._n_classes, self._dtype = xp, n_classes, dtype
+        self.labels, self.weight = labels, weight
+        self.ignore_index, self.label_smoothing = ignore_index, label_smoothing
+        self.soft = labels if soft else None
+        if soft:
+            self.valid = None
+        elif ignore_index is None:
+            self.valid = xp.ones_bool(labels)
+        else:
+            self.valid = labels != ignore_index
+
+    @functools.cached_property
+    def _y(self):
+        """Y: the soft labels, or the one-hot labels with ignored rows zeroed."""
+        if self.soft is not None:
+            return self.soft
+        xp = self._xp
+        y = xp.one_hot(self.labels, self._n_classes, self._dtype)
+        return y * xp.cast_like(xp.expand_dims(self.valid, -1), y)
+
+    @functools.cached_property
+    def q(self):
+        xp, y, eps = self._xp, self._y, self.label_smoothing
+        q = (1.0 - eps) * y if eps else y
+        if eps:
+            smooth = eps / self._n_classes
+            valid = self.valid
+            q = q + (smooth if valid is None else smooth * xp.cast_like(xp.expand_dims(valid, -1), y))
+        return q if self.weight is None else q * self.weight
+
+    @functools.cached_property
+    def denominator(self):
+        xp = self._xp
+        if self.soft is not None:
+            return xp.count_rows(self.soft)
+        if self.weight is None:
+            return xp.total(xp.cast_to(self.valid, self._dtype))
+        return xp.total(xp.rowsum(self._y * self.weight)[..., 0])
 
 
 def targets(xp, labels, n_classes, dtype, *, soft, weight, ignore_index, label_smoothing):
     """Build :class:`Targets` from integer or soft labels."""
-    eps = label_smoothing
-    if soft:
-        y = labels
-        valid = None
-        denominator = xp.count_rows(y)
-    else:
-        valid = (
-            xp.ones_bool(labels)
-            if ignore_index is None
-            else labels != ignore_index
-        )
-        y = xp.one_hot(labels, n_classes, dtype)
-        y = y * xp.cast_like(xp.expand_dims(valid, -1), y)
-    q = (1.0 - eps) * y if eps else y
-    if eps:
-        smooth = eps / n_classes
-        q = q + (smooth if valid is None else smooth * xp.cast_like(xp.expand_dims(valid, -1), y))
-    if weight is not None:
-        q = q * weight
-    if not soft:
-        picked = xp.rowsum(y * weight)[..., 0] if weight is not None else xp.cast_like(valid, y)
-        denominator = xp.total(picked)
-    return Targets(q, y if soft else None, valid, denominator)
+    return Targets(
+        xp,
+        labels,
+        n_classes,
+        dtype,
+        soft=soft,
+        weight=weight,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+    )
 
 
 def _scale(xp, tg, reduction, dtype):
