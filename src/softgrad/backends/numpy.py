@@ -4,6 +4,7 @@ import numpy as np
 
 from .._errors import SoftgradError
 from ._base import Backend
+from ._numpy_kernels import KernelRouting
 
 
 def _finfo(dtype_name):
@@ -16,7 +17,7 @@ def _finfo(dtype_name):
         return ml_dtypes.finfo(dtype_name)
 
 
-class NumpyBackend(Backend):
+class NumpyBackend(KernelRouting, Backend):
     name = "numpy"
 
     # -- conversion ------------------------------------------------------
