@@ -17,6 +17,10 @@ tolerances of the test suite.
 Set the environment variable ``SOFTGRAD_PURE_NUMPY=1`` to force the NumPy
 path (it is read on the first call that could use a kernel); without numba
 that path is used anyway, and :func:`status` says why.
+
+numba keys its on-disk cache on each kernel's own source file: after editing
+``_rows.py`` or ``_primitives.py`` alone, delete ``kernels/__pycache__`` or
+the kernels keep the old helpers compiled in.
 """
 
 import os

@@ -1,4 +1,4 @@
-"""Scalar building blocks that vectorise: exp and a NaN-propagating max.
+"""Scalar building blocks that vectorise: exp, a NaN-propagating max, halving.
 
 Without Intel's SVML, numba lowers ``np.exp`` in a loop to a scalar libm call,
 which keeps the loop from vectorising and costs more than reading the data.
@@ -135,6 +135,19 @@ def _polynomial13(c):
 def exp(z):
     """``np.exp(z)`` for a float32 or float64 scalar; vectorises in compiled loops."""
     return np.exp(z)
+
+
+def half(x):
+    """``x / 2`` in x's own dtype (a bare 0.5 would promote float32 to float64)."""
+    return x * 0.5
+
+
+@overload(half)
+def _half_typed(x):
+    factor = {types.float32: np.float32(0.5), types.float64: 0.5}.get(x)
+    if factor is None:
+        return None
+    return lambda x: x * factor
 
 
 # Truncation after degree 7 (13) leaves r^8/8! < u/10 (r^14/14! < u/30) for |r| <= ln2/2.

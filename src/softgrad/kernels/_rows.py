@@ -14,7 +14,7 @@ it, and numba keeps the flags per function.
 import numpy as np
 from numba import njit
 
-from ._primitives import exp, maximum
+from ._primitives import exp, half, maximum
 
 BLOCK = 256
 _REDUCE = {"reassoc", "contract"}
@@ -40,12 +40,16 @@ def max_and_shift(row):
 def shifted(x, m, t, lowest):
     """z = (x - m) / t saturated at ``lowest``; -inf (absent) stays -inf.
 
-    ``t`` is None for temperature 1. A finite x next to a huge max must not
-    become -inf, which would mean absent (docs/architecture.md).
+    ``t`` is None for temperature 1. As in ``_maths.shifted_logits``, x - m is
+    halved before the division (exactly) and doubled after, so that a T > 1
+    brings a difference beyond the float range back into it. A finite x next
+    to a huge max must not become -inf, which would mean absent.
     """
-    z = x - m
-    if t is not None:
-        z = z / t
+    if t is None:
+        z = x - m
+    else:
+        z = (half(x) - half(m)) / t
+        z = z + z
     z = lowest if z < lowest else z
     return x if x == -np.inf else z
 
