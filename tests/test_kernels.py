@@ -1,0 +1,293 @@
+"""The fused kernels against the pure-NumPy path and the float64 oracle.
+
+The public functions route to the kernels whenever they apply, so the whole
+suite exercises them; CI runs it a second time with SOFTGRAD_PURE_NUMPY=1.
+This file calls the kernels directly, on (rows, C) arrays whose C straddles
+the kernels' block size and includes the small-C and odd-C cases, and checks
+the switch, the lazy import and the routing itself.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import oracle
+import softgrad
+from softgrad import _maths, kernels
+from softgrad.backends import NUMPY
+from strategies import cotangents, logits
+from test_cross_entropy import check as check_cross_entropy
+from tolerances import assert_close, spread
+
+compiled = pytest.mark.skipif(not kernels.enabled(), reason=f"kernels off: {kernels.status()['reason']}")
+
+DTYPES = ("float32", "float64")
+# 256 is the kernels' block length: one block, one block and a tail, a tail only.
+CLASSES = st.sampled_from([1, 2, 3, 10, 255, 256, 257, 600])
+
+
+@st.composite
+def rows_and_classes(draw, extreme=True):
+    dtype = draw(st.sampled_from(DTYPES))
+    shape = (draw(st.integers(1, 6)), draw(CLASSES))
+    x = draw(logits(dtype, shape, extreme=extreme))
+    return x.astype(dtype), dtype
+
+
+def _same_non_finite(actual, expected):
+    np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected))
+    np.testing.assert_array_equal(np.isposinf(actual), np.isposinf(expected))
+    np.testing.assert_array_equal(np.isneginf(actual), np.isneginf(expected))
+
+
+def _pure(fn, *args):
+    with np.errstate(all="ignore"):
+        return fn(NUMPY, *args)
+
+
+@compiled
+@given(case=rows_and_classes(), temperature=st.sampled_from([1.0, 0.5, 3.0]))
+def test_softmax(case, temperature):
+    x, dtype = case
+    out = kernels.softmax(x, temperature)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    _same_non_finite(out, _pure(_maths.softmax, x, temperature))
+    expected = oracle.softmax(x, temperature=temperature)
+    assert_close(out, expected, dtype=dtype, terms=x.shape[-1], scale=expected,
+                 spread=spread(x, dtype=dtype, temperature=temperature))
+
+
+@compiled
+@given(data=st.data(), temperature=st.sampled_from([1.0, 0.5, 3.0]))
+def test_log_softmax(data, temperature):
+    # x - max(x) overflows before the division by T for logits of both signs
+    # near the dtype's max, on every path: extreme logits only with T = 1
+    x, dtype = data.draw(rows_and_classes(extreme=temperature == 1.0))
+    out = kernels.log_softmax(x, temperature)
+    _same_non_finite(out, _pure(_maths.log_softmax, x, temperature))
+    expected = oracle.log_softmax(x, temperature=temperature)
+    # a present entry whose log-probability underflows float64 saturates
+    expected = np.where(np.isfinite(x) & (expected == -np.inf), -np.finfo(np.float64).max, expected)
+    scale = 1 + np.abs(np.where(np.isfinite(expected), expected, 0))
+    assert_close(out, expected, dtype=dtype, terms=x.shape[-1], scale=scale,
+                 spread=spread(x, dtype=dtype, temperature=temperature))
+
+
+@compiled
+@given(case=rows_and_classes(extreme=False), data=st.data())
+def test_softmax_vjp(case, data):
+    x, dtype = case
+    y = oracle.softmax(x)
+    dy = data.draw(cotangents(x.shape)).astype(dtype)
+    out = kernels.softmax_vjp(y.astype(dtype), dy)
+    _same_non_finite(out, _pure(_maths.softmax_vjp, y.astype(dtype), dy))
+    # every term of component i is y_i times a cotangent entry (#precision)
+    scale = y * np.max(np.abs(dy), axis=-1, keepdims=True)
+    assert_close(out, oracle.softmax_vjp(y, dy.astype(np.float64)), dtype=dtype, terms=x.shape[-1], scale=scale)
+
+
+@compiled
+@given(case=rows_and_classes(extreme=False), data=st.data())
+def test_log_softmax_vjp(case, data):
+    x, dtype = case
+    logp = oracle.log_softmax(x)
+    dlogp = data.draw(cotangents(x.shape)).astype(dtype)
+    out = kernels.log_softmax_vjp(logp.astype(dtype), dlogp)
+    _same_non_finite(out, _pure(_maths.log_softmax_vjp, logp.astype(dtype), dlogp))
+    assert_close(out, oracle.log_softmax_vjp(logp, dlogp.astype(np.float64)), dtype=dtype,
+                 terms=x.shape[-1], scale=np.sum(np.abs(dlogp), axis=-1, keepdims=True))
+    # the argmax component is minus the sum of the others
+    row_sum = np.sum(out, axis=-1, dtype=np.float64)
+    assert np.all(np.abs(row_sum) <= x.shape[-1] * np.finfo(dtype).eps * np.sum(np.abs(out), axis=-1))
+
+
+@compiled
+@given(case=rows_and_classes(extreme=False), temperature=st.sampled_from([1.0, 0.5]))
+def test_softmax_jacobian(case, temperature):
+    x, dtype = case
+    x = x[:, :64]
+    y = oracle.softmax(x, temperature=temperature).astype(dtype)
+    out = kernels.softmax_jacobian(y, temperature)
+    assert out.shape == x.shape + x.shape[-1:]
+    np.testing.assert_array_equal(out, _pure(_maths.softmax_jacobian, y, temperature))
+
+
+def _labels(draw, n_rows, n_classes, ignore_index):
+    choices = st.integers(0, n_classes - 1)
+    if ignore_index is not None:
+        choices = st.one_of(choices, st.just(ignore_index))
+    return np.array(draw(st.lists(choices, min_size=n_rows, max_size=n_rows)), dtype=np.int64)
+
+
+@compiled
+@given(
+    data=st.data(),
+    weighted=st.booleans(),
+    ignore_index=st.sampled_from([None, 1, -100]),
+    label_smoothing=st.sampled_from([0.0, 0.1]),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    z_loss=st.sampled_from([0.0, 1e-3]),
+)
+def test_cross_entropy_integer_labels(data, weighted, ignore_index, label_smoothing, reduction, z_loss):
+    x, dtype = data.draw(rows_and_classes(extreme=False))
+    n_rows, n_classes = x.shape
+    labels = _labels(data.draw, n_rows, n_classes, ignore_index)
+    weight = None
+    if weighted:
+        # as the public functions do, the weights are cast to the logits' dtype
+        drawn = data.draw(st.lists(st.floats(0, 2), min_size=n_classes, max_size=n_classes))
+        weight = np.asarray(drawn, dtype=dtype)
+    options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction, z_loss=z_loss)
+    loss, grad = kernels.cross_entropy_with_grad(x, labels, weight=weight, **options)
+    assert grad.dtype == x.dtype and np.asarray(loss).dtype == x.dtype
+    np.testing.assert_array_equal(kernels.cross_entropy(x, labels, weight=weight, **options), loss)
+    weight64 = None if weight is None else weight.astype(np.float64)
+    check_cross_entropy(loss, grad, x.astype(np.float64), labels, dtype, weight=weight64, **options)
+
+
+@compiled
+@given(
+    data=st.data(),
+    weighted=st.booleans(),
+    label_smoothing=st.sampled_from([0.0, 0.2]),
+    z_loss=st.sampled_from([0.0, 1e-2]),
+)
+def test_cross_entropy_soft_labels(data, weighted, label_smoothing, z_loss):
+    x, dtype = data.draw(rows_and_classes(extreme=False))
+    n_classes = x.shape[-1]
+    raw = data.draw(st.lists(st.floats(0, 1), min_size=x.size, max_size=x.size))
+    soft = np.reshape(raw, x.shape).astype(dtype)
+    weight = np.linspace(0.5, 1.5, n_classes).astype(dtype) if weighted else None
+    options = dict(label_smoothing=label_smoothing, z_loss=z_loss, reduction="mean")
+    loss, grad = kernels.cross_entropy_with_grad(x, soft, weight=weight, **options)
+    weight64 = None if weight is None else weight.astype(np.float64)
+    check_cross_entropy(loss, grad, x.astype(np.float64), soft.astype(np.float64), dtype, weight=weight64, **options)
+
+
+@compiled
+@given(case=rows_and_classes(), data=st.data(), label_smoothing=st.sampled_from([0.0, 0.1]),
+       z_loss=st.sampled_from([0.0, 1e-3]))
+def test_cross_entropy_extreme_logits_match_numpy_path(case, data, label_smoothing, z_loss):
+    """With inf, -inf, NaN and huge logits, NaN and inf land where the NumPy path puts them."""
+    x, dtype = case
+    labels = _labels(data.draw, *x.shape, None)
+    tg = _maths.targets(NUMPY, labels, x.shape[-1], x.dtype, soft=False, weight=None,
+                        ignore_index=None, label_smoothing=label_smoothing)
+    loss, grad = kernels.cross_entropy_with_grad(x, labels, label_smoothing=label_smoothing,
+                                                 z_loss=z_loss, reduction="none")
+    with np.errstate(all="ignore"):
+        expected_loss, expected_grad = super(type(NUMPY), NUMPY).cross_entropy_with_grad(
+            x, tg, z_loss=z_loss, reduction="none")
+    _same_non_finite(loss, expected_loss)
+    _same_non_finite(grad, expected_grad)
+
+
+@compiled
+@pytest.mark.parametrize("shape", [(65536, 10), (3, 50257), (1000, 1001)])
+def test_small_and_odd_class_counts(shape):
+    """Against the float64 one-liners; the oracle's explicit Jacobians would not fit."""
+    rng = np.random.default_rng(sum(shape))
+    x = rng.normal(0.0, 4.0, shape).astype(np.float32)
+    x[0, 0] = 60.0
+    labels = rng.integers(0, shape[1], shape[0])
+    x64, rows = x.astype(np.float64), np.arange(shape[0])
+    p = oracle.softmax(x64)
+    one_hot = np.zeros(shape)
+    one_hot[rows, labels] = 1.0
+    at_max = np.zeros(shape)
+    at_max[rows, np.argmax(x64, axis=-1)] = 1.0
+    terms, z = shape[1] + shape[0], spread(x, dtype="float32")
+    loss, grad = kernels.cross_entropy_with_grad(x, labels)
+    log_p = np.log(p[rows, labels])
+    assert_close(loss, -np.mean(log_p), dtype="float32", terms=terms, spread=z, scale=np.mean(1 + np.abs(log_p)))
+    assert_close(grad, (p - one_hot) / shape[0], dtype="float32", terms=terms, spread=z,
+                 scale=(p + one_hot + 2 * at_max) / shape[0])
+    assert_close(kernels.softmax(x), p, dtype="float32", terms=shape[1], spread=z, scale=p)
+
+
+@compiled
+def test_confident_rows_keep_relative_precision():
+    x = np.array([[0.0, 40.0], [0.0, 40.0]], dtype=np.float32)
+    loss, grad = kernels.cross_entropy_with_grad(x, np.array([1, 1]), reduction="none")
+    np.testing.assert_allclose(loss, np.exp(-40.0), rtol=1e-6)
+    np.testing.assert_allclose(grad[:, 0], np.exp(-40.0), rtol=1e-6)
+    np.testing.assert_allclose(grad[:, 1], -np.exp(-40.0), rtol=1e-6)
+    y = kernels.softmax(x)
+    dx = kernels.softmax_vjp(y, np.array([[1.0, 0.0], [1.0, 0.0]], dtype=np.float32))
+    np.testing.assert_allclose(dx[:, 0], np.exp(-40.0), rtol=1e-6)
+
+
+@compiled
+def test_empty_and_poisoned_rows():
+    x = np.array([[-np.inf, -np.inf, -np.inf], [1.0, np.nan, -np.inf], [np.inf, 0.0, -np.inf]])
+    np.testing.assert_array_equal(kernels.softmax(x)[0], 0.0)
+    assert np.isnan(kernels.softmax(x)[1:]).all()
+    np.testing.assert_array_equal(kernels.log_softmax(x)[0], -np.inf)
+    _, grad = kernels.cross_entropy_with_grad(x, np.array([0, 0, 1]), reduction="none")
+    np.testing.assert_array_equal(grad[0], 0.0)
+    assert np.isnan(grad[1:, :2]).all()
+
+
+def test_status_names_the_path():
+    status = kernels.status()
+    assert status["path"] in ("numba", "numpy") and status["reason"]
+    assert kernels.enabled() == (status["path"] == "numba")
+
+
+def _run(code, **env):
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, **env}, check=True)
+    return result.stdout.strip()
+
+
+def test_environment_switch_forces_numpy():
+    out = _run("from softgrad import kernels; print(kernels.status())", SOFTGRAD_PURE_NUMPY="1")
+    assert "'path': 'numpy'" in out and "SOFTGRAD_PURE_NUMPY" in out
+
+
+def test_numba_is_imported_on_first_use_only():
+    code = (
+        "import sys, numpy as np, softgrad\n"
+        "before = 'numba' in sys.modules\n"
+        "softgrad.softmax(np.ones((2, 3)))\n"
+        "print(before, 'numba' in sys.modules)"
+    )
+    numba_installed = importlib.util.find_spec("numba") is not None
+    assert _run(code, SOFTGRAD_PURE_NUMPY="0") == f"False {numba_installed}"
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Names of the kernels that the public functions call."""
+    seen = []
+    for name in ("softmax", "log_softmax", "softmax_vjp", "cross_entropy_with_grad"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **k: seen.append(_name) or _real(*a, **k))
+    return seen
+
+
+@compiled
+def test_routing_uses_kernels_where_they_apply(calls):
+    x = np.random.default_rng(0).normal(size=(3, 4, 5)).astype(np.float32)
+    y = softgrad.softmax(x, axis=1)
+    assert_close(y, oracle.softmax(x, axis=1), dtype="float32", terms=4, scale=oracle.softmax(x, axis=1))
+    softgrad.log_softmax(x, temperature=2.0)
+    softgrad.softmax_vjp(y, x, axis=1)
+    loss, grad = softgrad.cross_entropy_with_grad(x, np.zeros((3, 4), dtype=int))
+    assert grad.shape == x.shape
+    # float16 is computed in float32, so it takes the float32 kernel
+    assert softgrad.softmax(x.astype(np.float16)).dtype == np.float16
+    assert calls == ["softmax", "log_softmax", "softmax_vjp", "cross_entropy_with_grad", "softmax"]
+
+
+def test_routing_falls_back_where_kernels_do_not_apply(calls):
+    x = np.random.default_rng(0).normal(size=(3, 5))
+    softgrad.softmax(x, where=x > 0)
+    softgrad.softmax(x, temperature=np.full((3, 1), 2.0))
+    assert calls == []
