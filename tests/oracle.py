@@ -27,8 +27,10 @@ def _shifted(x, axis, temperature, where):
     if where is not None:
         x = np.where(where, x, -np.inf)
     x, t = _last(x, axis), _last(t, axis)
+    # halved (exactly) so that x - max x of float64 logits +-finfo.max stays
+    # in range until T has scaled it
     with np.errstate(over="ignore", invalid="ignore"):
-        return (x - _row_max(x)) / t, t[..., :1]
+        return (x / 2 - _row_max(x) / 2) / t * 2, t[..., :1]
 
 
 def softmax(x, axis=-1, temperature=1.0, where=None):

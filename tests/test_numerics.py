@@ -83,6 +83,18 @@ def test_low_precision_results_saturate_instead_of_overflowing(backend, dtype):
     np.testing.assert_array_equal(to_float64(sg.log_softmax(x, where=np.array([True, False])))[:, 1], -np.inf)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "tensorflow"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_temperature_brings_an_overflowing_difference_back_into_range(backend, dtype):
+    """Regression: x - max x overflowed (and saturated) before the division by T = 3."""
+    big = float(_finfo(dtype).max)
+    x = cast([[big, -big]], dtype)
+    if backend == "tensorflow":
+        x = pytest.importorskip("tensorflow").constant(x)
+    expected = [[0.0, -(big / 3) * 2]]
+    assert_close(sg.log_softmax(x, temperature=3.0), expected, dtype=dtype, terms=2, scale=np.abs(expected))
+
+
 def test_minus_inf_is_absent(run_all):
     dtype, run = run_all
     values = np.array([[0.5, -np.inf, 2.0, -1.0], [-np.inf] * 4, [-np.inf, 3.0, -np.inf, -np.inf]])

@@ -35,18 +35,25 @@ def shifted_logits(xp, x, temperature=1.0, mask=None):
         # Nothing multiplies a -inf logit in the backward pass here, so the
         # logits need no masking before the arithmetic.
         m = _zero_if_empty(xp, xp.rowmax(x))
-        z = x - m
-        z = z if temperature == 1.0 else z / temperature
+        z = x - m if temperature == 1.0 else _divided(x, m, temperature)
     else:
         m = _zero_if_empty(xp, xp.rowmax(xp.where(present, x, NEG_INF)))
         # Absent entries are replaced by m before the arithmetic so that
         # neither their value nor their gradient can produce inf - inf or
         # 0 * inf.
-        z = (xp.where(present, x, m) - m) / temperature
+        z = _divided(xp.where(present, x, m), m, temperature)
     # A present entry whose shifted logit overflows (x = -max next to
     # x = max) saturates at the most negative float instead of becoming
     # -inf, which would mean absent: finite logits give finite results.
     return xp.where(present, xp.saturate(z), NEG_INF), m
+
+
+def _divided(x, m, temperature):
+    """(x - m) / T, with x - m halved first (exactly): when T > 1 brings a
+    difference beyond the float range back into it (x = -max next to
+    x = max), the result is right instead of saturated; the final doubling
+    overflows only where the true result does."""
+    return ((0.5 * x - 0.5 * m) / temperature) * 2.0
 
 
 def _zero_if_empty(xp, m):
