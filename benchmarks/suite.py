@@ -17,11 +17,15 @@ COLUMNS = ("softgrad", "numpy", "tf", "torch")
 
 
 def discover():
-    """The ``cases`` functions of the bench_*.py modules, in name order."""
+    """The ``cases`` functions of the bench_*.py modules, in name order.
+
+    A module without ``cases`` is a script of its own (run it directly).
+    """
     if HERE not in sys.path:
         sys.path.insert(0, HERE)
-    modules = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(HERE, "bench_*.py")))
-    return [(name, importlib.import_module(name).cases) for name in modules]
+    names = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(HERE, "bench_*.py")))
+    modules = [importlib.import_module(name) for name in names]
+    return [(m.__name__, m.cases) for m in modules if hasattr(m, "cases")]
 
 
 def _ms(timing):
