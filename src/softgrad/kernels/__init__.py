@@ -82,9 +82,10 @@ def _module(name):
     return _compiled[name]
 
 
-# Below this many entries a kernel runs on the calling thread: waking the
-# other threads costs more than it saves, and far more on a busy machine.
-_PARALLEL_MIN = 1 << 18
+# Below this many entries (4 MiB of float32) a kernel runs on the calling
+# thread: waking the other threads costs tens of microseconds on an idle
+# machine and milliseconds on a busy one, where they wait for a time slice.
+_PARALLEL_MIN = 1 << 20
 
 
 def _launch(kernel, size, *args):
