@@ -245,14 +245,14 @@ def write_csv(rows):
     return path
 
 
-def plot(sweep):
+def plot(sweep, cases):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name in SWEEP_CASES:
+    for name in cases:
         pts = [(r["V"], r["peak_MiB"]) for r in sweep if r["case"] == name]
         if pts:
             ax.loglog(*zip(*pts), marker="o", label=name)
@@ -271,7 +271,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, 3 runs")
     parser.add_argument("--runs", type=int, default=None)
+    parser.add_argument("--shapes", nargs="+", metavar="NxDxV", help="instead of the default shapes")
+    parser.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
     parser.add_argument("--no-sweep", action="store_true", help="skip the memory-against-V plot")
+    parser.add_argument("--only-sweep", action="store_true", help="only the memory-against-V plot")
+    parser.add_argument("--sweep-cases", nargs="+", default=SWEEP_CASES, choices=CASES,
+                        help="cases of the memory-against-V plot")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -279,24 +284,26 @@ def main():
         print(json.dumps(measure(name, int(n), int(d), int(v), int(runs))))
         return
     runs = args.runs or (3 if args.quick else 5)
-    cases = [c for c in CASES if available(c)]
-    missing = sorted(set(CASES) - set(cases))
+    cases = [c for c in args.cases if available(c)]
+    missing = sorted(set(args.cases) - set(cases))
     if missing:
         print(f"skipped (framework not installed): {', '.join(missing)}")
     rows = []
-    for n, d, v in QUICK_SHAPES if args.quick else SHAPES:
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else None
+    for n, d, v in [] if args.only_sweep else shapes or (QUICK_SHAPES if args.quick else SHAPES):
         for name in cases:
             rows.append({"case": name, "N": n, "D": d, "V": v, **run_child(name, n, d, v, runs)})
-    table(rows)
-    print(f"results appended to {write_csv(rows)}")
+    if rows:
+        table(rows)
+        print(f"results appended to {write_csv(rows)}")
     if not args.no_sweep:
         sweep = []
         for v in QUICK_SWEEP_V if args.quick else SWEEP_V:
-            for name in (c for c in SWEEP_CASES if c in cases):
+            for name in (c for c in args.sweep_cases if available(c)):
                 sweep.append({"case": name, "N": SWEEP_N, "D": SWEEP_D, "V": v,
                               **run_child(name, SWEEP_N, SWEEP_D, v, 1)})
         write_csv(sweep)
-        print(f"memory against V: {plot(sweep)}")
+        print(f"memory against V: {plot(sweep, args.sweep_cases)}")
 
 
 if __name__ == "__main__":
