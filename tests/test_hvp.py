@@ -11,7 +11,7 @@ from hypothesis.extra import numpy as hnp
 import oracle
 import softgrad as sg
 from strategies import BACKEND_DTYPES, TF_DTYPES, cast, cotangents, logits, on_backend, shape_and_axis
-from tolerances import assert_close, assert_within, bound, spread, to_float64
+from tolerances import assert_close, assert_within, bound, spread
 
 
 def hvp_scale(x, labels, v, axis=-1, *, weight=None, ignore_index=None, label_smoothing=0.0,

@@ -177,7 +177,7 @@ def mp_float(values):
 
 
 def references(row):
-    """(p, softmax VJP, log-softmax JVP, CE gradient and loss for label 0), exactly."""
+    """(softmax VJP, log-softmax JVP, CE gradient and loss for label 0), exactly."""
     with mpmath.workdps(60):
         p = mp_softmax(row)
         dy = [mpmath.mpf(v) for v in DY]
@@ -186,7 +186,7 @@ def references(row):
         jvp = [di - weighted for di in dy]
         grad = [pi - (1 if i == 0 else 0) for i, pi in enumerate(p)]
         loss = -mpmath.log(p[0])
-        return mp_float(p), mp_float(vjp), mp_float(jvp), mp_float(grad), float(loss)
+        return mp_float(vjp), mp_float(jvp), mp_float(grad), float(loss)
 
 
 def relative_precision(actual, expected, dtype, x, *, inputs_from_forward=False):
@@ -220,7 +220,7 @@ def run_precise(request):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_precision_next_to_one(run_precise, dtype):
     row = CONFIDENT[dtype]
-    p, vjp, jvp, grad, loss = references(row)
+    vjp, jvp, grad, loss = references(row)
     out = run_precise(cast([row], dtype), cast([DY], dtype), cast([[-1.0, 0, 0, 0]], dtype))
     out = {k: to_float64(v) for k, v in out.items()}
     for name, expected in (("softmax_vjp", vjp), ("softmax_jvp", vjp), ("log_softmax_jvp", jvp),
@@ -236,7 +236,7 @@ def test_precision_next_to_one(run_precise, dtype):
 
 def test_precision_next_to_one_through_gradient_tape(tf):
     x = tf.constant([CONFIDENT["float64"]], tf.float64)
-    p, vjp, _, grad, _ = references(CONFIDENT["float64"])
+    vjp, _, grad, _ = references(CONFIDENT["float64"])
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(x)
         y = sg.softmax(x)
@@ -249,7 +249,7 @@ def test_precision_next_to_one_through_gradient_tape(tf):
 def test_the_naive_formulas_lose_this_precision():
     """The precision cases above are discriminating: the textbook one-liners get them wrong."""
     row = np.array([CONFIDENT["float64"]])
-    p, vjp, jvp, grad, loss = references(row[0])
+    vjp, _, grad, loss = references(row[0])
     y = oracle.softmax(row)
     naive_vjp = y * (np.array(DY) - np.sum(np.array(DY) * y, axis=-1, keepdims=True))
     naive_grad = y - np.array([1.0, 0, 0, 0])
@@ -267,7 +267,7 @@ def test_frameworks_precision_is_reported(tf, record_property):
     softgrad's gradient is asserted to keep it.
     """
     row = CONFIDENT["float64"]
-    p, vjp, _, grad, loss = references(row)
+    _, _, grad, _ = references(row)
     x = tf.constant([row], tf.float64)
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(x)

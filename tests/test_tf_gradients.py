@@ -2,7 +2,7 @@
 against TensorFlow's autodiff of the plain reference (tests/tf_reference.py).
 
 All in float64 with |x| <= 3, temperatures in [1/2, 2] and weights in
-[-1, 1]; the comparisons are normwise (tolerances.AUTODIFF_SCALE).
+[-1, 2]; the comparisons are normwise (tolerances.AUTODIFF_SCALE).
 """
 
 import numpy as np
@@ -10,7 +10,6 @@ import pytest
 
 import oracle
 import softgrad as sg
-from strategies import cast
 from tolerances import AUTODIFF_SCALE, assert_close, spread
 
 tf = pytest.importorskip("tensorflow")
@@ -19,8 +18,10 @@ ref = pytest.importorskip("tf_reference")
 C = 5
 
 
-def close(actual, expected, x, *, terms=2 * C + 8, err_msg=""):
-    """Normwise float64 comparison (see AUTODIFF_SCALE)."""
+def close(actual, expected, x, *, terms=3 * C + 4, err_msg=""):
+    """Normwise float64 comparison (see AUTODIFF_SCALE); the default terms count
+    a sum over the classes per derivative order (up to three) and one over
+    the 4 examples."""
     assert_close(actual, expected, dtype="float64", terms=terms,
                  spread=spread(x, dtype="float64", temperature=0.5), scale=AUTODIFF_SCALE, err_msg=err_msg)
 
@@ -155,7 +156,7 @@ PRODUCTS = {
 def test_products_match_autodiff_of_the_reference(tf_run, name):
     """VJP = tape.gradient with output_gradients; JVP = the forward accumulator's product."""
     x, d, _, _ = inputs(44)
-    formula, kind = PRODUCTS[name]
+    kind = PRODUCTS[name][1]
     forward = ref.softmax if kind == "softmax" else ref.log_softmax
 
     def both(a, cotangent):
