@@ -273,15 +273,17 @@ def xent_body(xp, z, q):
 def xent_grad(xp, z, lse, q):
     """d xent / dz = S p - q with S = sum(q) (derivations.md#cross-entropy-gradient).
 
-    At a row's max (z = 0), S p - q is evaluated as (S - q) + S expm1(z - lse):
-    the naive p - 1 would round a 1e-17 gradient to 0
-    (derivations.md#precision). Writing z rather than 0 keeps the expression's
-    own derivative right. Absent entries (z = -inf) get 0.
+    At a row's max (z = 0), S p - q is evaluated as (S - q) + S (p - 1) with
+    p - 1 = expm1(-lse): the naive p - 1 would round a 1e-17 gradient to 0
+    (derivations.md#precision). Adding p - exp(-lse), which is 0 there, keeps
+    the expression's own derivative that of S p - q. Absent entries
+    (z = -inf) get 0.
     """
     total = xp.rowsum(q)
     lse = _finite_or_zero(xp, lse)
-    g = total * xp.exp(z - lse) - q
-    g = xp.where(z == 0, (total - q) + total * xp.expm1(z - lse), g)
+    p = xp.exp(z - lse)
+    at_max = (total - q) + total * (xp.expm1(-lse) + (p - xp.exp(-lse)))
+    g = xp.where(z == 0, at_max, total * p - q)
     return xp.where(z == NEG_INF, xp.zeros_like(g), g)
 
 

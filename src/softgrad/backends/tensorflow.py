@@ -13,12 +13,38 @@ import contextlib
 import tensorflow as tf
 
 from .. import _maths
+from . import tensorflow_fused as fused
 from ._base import Backend
 from .numpy import NUMPY
 
 
 class TensorFlowBackend(Backend):
     name = "tensorflow"
+
+    # -- whole operations, compiled with XLA for large inputs ---------------
+
+    def softmax(self, x, temperature, mask):
+        if mask is None and isinstance(temperature, float) and fused.applies(x):
+            return fused.softmax_family(self, x, temperature, log=False)
+        return super().softmax(x, temperature, mask)
+
+    def log_softmax(self, x, temperature, mask):
+        if mask is None and isinstance(temperature, float) and fused.applies(x):
+            return fused.softmax_family(self, x, temperature, log=True)
+        return super().log_softmax(x, temperature, mask)
+
+    def cross_entropy(self, x, tg, *, z_loss, reduction):
+        if tg.soft is None and fused.applies(x):
+            return fused.cross_entropy(self, x, tg, z_loss, reduction, with_grad=False)
+        return super().cross_entropy(x, tg, z_loss=z_loss, reduction=reduction)
+
+    def cross_entropy_with_grad(self, x, tg, *, z_loss, reduction):
+        if tg.soft is None and fused.applies(x):
+            return fused.cross_entropy(self, x, tg, z_loss, reduction, with_grad=True)
+        return super().cross_entropy_with_grad(x, tg, z_loss=z_loss, reduction=reduction)
+
+    def closed_form(self, forward, vjp):
+        return _closed_form(forward, vjp)
 
     # -- conversion ------------------------------------------------------
 

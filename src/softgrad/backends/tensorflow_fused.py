@@ -1,0 +1,121 @@
+"""Whole TensorFlow operations compiled with XLA, for large inputs.
+
+Op by op, the TensorFlow backend takes one pass over the logits per
+elementwise operation, where TensorFlow's own softmax is one fused kernel.
+For the common cases (no mask, a float temperature, integer labels, a static
+shape) the forward and the backward of an operation are each one function
+compiled with ``jit_compile=True``, so XLA fuses them into a few passes. The
+maths is still that of ``softgrad._maths``, called inside those functions.
+
+Each compiled function depends on Python options (temperature, reduction,
+...), so one is made per combination and kept.
+"""
+
+import functools
+
+import tensorflow as tf
+
+from .. import _maths
+
+# Below this many elements, running op by op costs little, and compiling
+# for every new shape would cost more than it saves.
+MIN_ELEMENTS = 1 << 16
+
+
+def applies(x) -> bool:
+    return x.shape.is_fully_defined() and x.shape.num_elements() >= MIN_ELEMENTS
+
+
+def _compiled(fn):
+    return tf.function(fn, jit_compile=True, autograph=False, reduce_retracing=True)
+
+
+def softmax_family(xp, x, temperature, log):
+    """softmax or log_softmax of ``x`` on the last axis, with closed-form gradients."""
+    forward, backward = _softmax_functions(xp, temperature, log)
+    return xp.closed_form(forward, backward)(x)
+
+
+@functools.lru_cache(maxsize=None)
+def _softmax_functions(xp, temperature, log):
+    body = _maths.log_softmax_body if log else _maths.softmax_body
+    vjp = _maths.log_softmax_vjp if log else _maths.softmax_vjp
+
+    @_compiled
+    def forward(x):
+        z, _ = _maths.shifted_logits(xp, x, temperature)
+        # The argmax of x, not of z: XLA can find it in the same pass as the max.
+        return body(xp, z), xp.argmax_index(x)
+
+    @_compiled
+    def backward(out, top, d):
+        g = vjp(xp, out, d, top)
+        return g if temperature == 1.0 else g / temperature
+
+    return forward, backward
+
+
+def cross_entropy(xp, x, tg, z_loss, reduction, with_grad):
+    """Cross-entropy with integer labels: the loss, or ``(loss, dlogits)``.
+
+    The op's outputs include each row's log-sum-exp, so that differentiating
+    its gradient again sees how that depends on the logits.
+    """
+    compiled_forward, compiled_backward = _cross_entropy_functions(
+        xp, tg.ignore_index, tg.label_smoothing, z_loss, reduction, with_grad
+    )
+
+    def forward(x, labels, *weight):
+        outputs, m = compiled_forward(x, labels, *weight)
+        return outputs, (x, labels, weight, m)
+
+    def backward(outputs, saved, *output_gradients):
+        x, labels, weight, m = saved
+        dx = compiled_backward(x, labels, m, outputs, output_gradients, *weight)
+        return (dx, None) + (None,) * len(weight)
+
+    weight = () if tg.weight is None else (tg.weight,)
+    outputs = xp.closed_form(forward, backward)(x, tg.labels, *weight)
+    return (outputs[0], outputs[1]) if with_grad else outputs[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _cross_entropy_functions(xp, ignore_index, label_smoothing, z_loss, reduction, with_grad):
+    def targets(x, labels, weight):
+        return _maths.targets(
+            xp,
+            labels,
+            x.shape[-1],
+            x.dtype,
+            soft=False,
+            weight=weight[0] if weight else None,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+        )
+
+    @_compiled
+    def forward(x, labels, *weight):
+        tg = targets(x, labels, weight)
+        loss, z, m, lse = _maths.cross_entropy_parts(xp, x, tg, z_loss)
+        loss = _maths.reduce_loss(xp, loss, tg, reduction)
+        if with_grad:
+            grad = _maths.cross_entropy_grad(xp, z, m, lse, tg, z_loss, reduction)
+            return (loss, grad, lse), m
+        return (loss, lse), m
+
+    @_compiled
+    def backward(x, labels, m, outputs, output_gradients, *weight):
+        tg = targets(x, labels, weight)
+        z, _ = _maths.shifted_logits(xp, x)
+        lse = outputs[-1]
+        # d loss / d x, from the saved log-sum-exp; with_grad returned it already.
+        grad = outputs[1] if with_grad else _maths.cross_entropy_grad(xp, z, m, lse, tg, z_loss, reduction)
+        dloss, dlse = output_gradients[0], output_gradients[-1]
+        if reduction == "none":
+            dloss = tf.expand_dims(dloss, -1)
+        dx = dloss * grad + dlse * xp.exp(z - tf.where(lse == _maths.NEG_INF, tf.zeros_like(lse), lse))
+        if with_grad:
+            dx = dx + _maths.cross_entropy_hvp(xp, x, tg, output_gradients[1], z_loss, reduction)
+        return dx
+
+    return forward, backward
