@@ -253,6 +253,14 @@ def _closed_form(forward, vjp):
             outputs, saved = forward(*inputs)
 
             def grad(*output_gradients):
+                if not result:
+                    # Forward-mode autodiff calls the rule while the op is
+                    # being built, before its outputs exist.
+                    raise NotImplementedError(
+                        "softgrad's TensorFlow gradients support tf.GradientTape (reverse mode), "
+                        "not tf.autodiff.ForwardAccumulator; for J @ v use softgrad.softmax_jvp "
+                        "or softgrad.log_softmax_jvp"
+                    )
                 grads = [
                     tf.zeros_like(o) if g is None else g
                     for o, g in zip(tf.nest.flatten(result[0]), output_gradients)
