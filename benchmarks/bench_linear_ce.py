@@ -3,6 +3,11 @@
     python benchmarks/bench_linear_ce.py            # the two shapes of issue 5 and the memory sweep
     python benchmarks/bench_linear_ce.py --quick    # smaller shapes, fewer runs
 
+`softgrad bench` also runs these shapes through the shared harness
+(``cases`` below: time, and tracemalloc memory for the NumPy columns); this
+script adds what the harness cannot see, the peak memory of TensorFlow and
+PyTorch, and the PyTorch chunked path.
+
 Every (case, shape) runs in a fresh interpreter, so that one case's memory
 cannot be reused by the next: inputs are made, one call warms up (and
 compiles), then `--runs` timed calls give the median and the spread
@@ -115,9 +120,45 @@ def _torch_case(name, h, w, t):
         h.grad = w.grad = None
         value = loss()
         value.backward()
-        return float(value), (h.grad, w.grad)
+        return float(value.detach()), (h.grad, w.grad)
 
     return run
+
+
+def _naive_numpy(h, w, t):
+    """The plain path in NumPy: the full logits, then cross-entropy and its gradient."""
+    n = len(t)
+    x = h @ w
+    x -= x.max(axis=1, keepdims=True)
+    e = np.exp(x)
+    total = e.sum(axis=1, keepdims=True)
+    loss = np.mean(np.log(total[:, 0]) - x[np.arange(n), t])
+    g = e / total
+    g[np.arange(n), t] -= 1
+    g /= n
+    return loss, g @ w.T, h.T @ g
+
+
+def cases(quick):
+    """The shapes of the table for ``softgrad bench``: softgrad's TF path against
+    plain TF and PyTorch, softgrad's NumPy path against the naive NumPy one."""
+    from harness import Case
+
+    out = []
+    for n, d, v in QUICK_SHAPES if quick else SHAPES:
+        def inputs(n=n, d=d, v=v):
+            return _inputs(n, d, v)
+
+        out.append(Case("linear_cross_entropy fwd+bwd (TF path)", (n, d, v), "float32", {
+            "softgrad": lambda i=inputs: _tf_case("tf_softgrad", *i()),
+            "tf": lambda i=inputs: _tf_case("tf_plain", *i()),
+            "torch": lambda i=inputs: _torch_case("torch_plain", *i()),
+        }))
+        out.append(Case("linear_cross_entropy fwd+bwd (NumPy path)", (n, d, v), "float32", {
+            "softgrad": lambda i=inputs: _numpy_case(*i()),
+            "numpy": lambda i=inputs: (lambda h, w, t: lambda: _naive_numpy(h, w, t))(*i()),
+        }))
+    return out
 
 
 def make_case(name, n, d, v):
