@@ -31,9 +31,11 @@ def test_logits_and_top_k(keras):
     head = _head(keras, softcap=2.0)
     h = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
     u = h @ head.kernel.numpy() + head.bias.numpy()
-    np.testing.assert_allclose(head(h), 2.0 * np.tanh(u / 2.0), rtol=1e-5, atol=1e-6)
+    capped = 2.0 * np.tanh(u / 2.0)
+    np.testing.assert_allclose(head(h), capped, rtol=1e-5, atol=1e-6)
     values, indices = head.top_k(h, 2)
     np.testing.assert_array_equal(indices, np.argsort(-u, axis=-1)[:, :2])
+    np.testing.assert_allclose(values, -np.sort(-capped, axis=-1)[:, :2], rtol=1e-5, atol=1e-6)
 
 
 def test_loss_is_linear_cross_entropy_and_is_added(keras):

@@ -238,7 +238,7 @@ def _valid_labels(t, options):
     return np.where(t == -100, 0, t) if ignore != -100 else t
 
 
-def _tf_loss_and_grads(tf, h, w, b, t, options):
+def _tf_loss_and_grads(tf, options):
     def f(h, w, t, *bias):
         with tf.GradientTape() as tape:
             tape.watch([h, w, *bias])
@@ -254,7 +254,7 @@ def test_tensorflow_equals_the_naive_computation(tf, tf_run, options, chunk_size
     h, w, b, t = _tf_problem("float64")
     t = _valid_labels(t, options)
     options = {**options, "chunk_size": chunk_size}
-    f = _tf_loss_and_grads(tf, h, w, b, t, options)
+    f = _tf_loss_and_grads(tf, options)
     actual = tf_run(f, h, w, t, b)
     check_all(actual, h, w, t, "float64", bias=b, **options)
 
