@@ -5,9 +5,11 @@ A :class:`Case` is one operation at one shape with several implementations
 that prepares its inputs and returns a no-argument function to time. Every
 implementation is warmed up (compilation, caches, first-touch page faults of
 the inputs), then timed ``runs`` times; the table reports the median and the
-spread (min and max). Peak memory is the tracemalloc peak of one extra call:
-it sees NumPy's buffers (softgrad's NumPy path, the kernels, naive NumPy) but
-not TensorFlow's or PyTorch's own allocators, whose column stays empty.
+spread (min and max). Peak memory is the tracemalloc peak of one extra call,
+made after softgrad's pool of recycled outputs is emptied so that its
+outputs count: it sees NumPy's buffers (softgrad's NumPy path, the kernels,
+naive NumPy) but not TensorFlow's or PyTorch's own allocators, whose column
+stays empty.
 
 The memory-bandwidth bound of a case is ``bytes_moved / bandwidth``, with the
 bandwidth measured in the same run as ``2 * nbytes / time(numpy.copyto)`` on
@@ -25,6 +27,8 @@ import tracemalloc
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from softgrad import kernels
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CSV_COLUMNS = [
@@ -73,6 +77,8 @@ def time_thunk(thunk, *, runs, warmup, memory):
     peak = None
     if memory:
         gc.collect()
+        # A cold call: softgrad's pool of recycled outputs would hide them.
+        kernels.release_buffers()
         tracemalloc.start()
         thunk()
         peak = tracemalloc.get_traced_memory()[1] / 2**20

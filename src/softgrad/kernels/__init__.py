@@ -9,7 +9,8 @@ very first call of each kernel pays for compiling it.
 
 The functions below take already-validated arrays: ``x`` 2-D ``(rows, C)``,
 C-contiguous, float32 or float64, the class axis last; other arrays of the
-same shape and dtype. They return new arrays of ``x``'s dtype. Call them
+same shape and dtype. They return new arrays of ``x``'s dtype (the memory
+of large ones is recycled from earlier calls, see :func:`release_buffers`). Call them
 only when :func:`enabled` is True; otherwise the backend uses the generic
 NumPy path of ``softgrad._maths``, which the kernels agree with to the
 tolerances of the test suite.
@@ -28,6 +29,7 @@ import os
 import numpy as np
 
 from .._errors import SoftgradError
+from . import _buffers
 
 __all__ = [
     "status",
@@ -39,6 +41,7 @@ __all__ = [
     "softmax_jacobian",
     "cross_entropy",
     "cross_entropy_with_grad",
+    "release_buffers",
 ]
 
 ENV_SWITCH = "SOFTGRAD_PURE_NUMPY"
@@ -76,6 +79,18 @@ def enabled() -> bool:
     return _state["path"] == "numba"
 
 
+def release_buffers() -> int:
+    """Give back the memory of pooled outputs that no array uses any more; returns the bytes.
+
+    Outputs of 4 MiB or more come from a small pool (at most 8 buffers),
+    so that a loop calling the same kernels at every step does not pay the
+    operating system's zeroing of fresh pages each time. Arrays handed out
+    are ordinary arrays; their memory is reused only once nothing refers to
+    it. See ``kernels/_buffers.py``.
+    """
+    return _buffers.release()
+
+
 def _module(name):
     if not enabled():
         raise SoftgradError(f"the compiled kernels are not in use: {_state['reason']}")
@@ -111,7 +126,7 @@ def _lowest(x):
 
 def softmax(x, temperature=1.0):
     """softmax over the last axis of ``x`` (rows, C), ``temperature`` a float > 0."""
-    out = np.empty_like(x)
+    out = _buffers.empty(x.shape, x.dtype)
     if x.size:
         _launch(_module("softmax").softmax, x.size, x, _t(x, temperature), out)
     return out
@@ -119,7 +134,7 @@ def softmax(x, temperature=1.0):
 
 def log_softmax(x, temperature=1.0):
     """log-softmax over the last axis of ``x`` (rows, C)."""
-    out = np.empty_like(x)
+    out = _buffers.empty(x.shape, x.dtype)
     if x.size:
         _launch(_module("softmax").log_softmax, x.size, x, _t(x, temperature), _lowest(x), out)
     return out
@@ -127,7 +142,7 @@ def log_softmax(x, temperature=1.0):
 
 def softmax_vjp(y, dy):
     """``y * (dy - sum(dy * y))`` per row, with the argmax shift for precision."""
-    out = np.empty_like(y)
+    out = _buffers.empty(y.shape, y.dtype)
     if y.size:
         _launch(_module("softmax").softmax_vjp, y.size, y, dy, out)
     return out
@@ -135,7 +150,7 @@ def softmax_vjp(y, dy):
 
 def log_softmax_vjp(logp, dlogp):
     """``dlogp - exp(logp) * sum(dlogp)`` per row; 0 where logp = -inf."""
-    out = np.empty_like(logp)
+    out = _buffers.empty(logp.shape, logp.dtype)
     if logp.size:
         _launch(_module("softmax").log_softmax_vjp, logp.size, logp, dlogp, out)
     return out
@@ -143,7 +158,7 @@ def log_softmax_vjp(logp, dlogp):
 
 def softmax_jacobian(y, temperature=1.0):
     """``y_i (delta_ij - y_j) / T`` for each row of ``y`` (rows, C): shape (rows, C, C)."""
-    out = np.empty(y.shape + y.shape[-1:], dtype=y.dtype)
+    out = _buffers.empty(y.shape + y.shape[-1:], y.dtype)
     if y.size:
         _launch(_module("softmax").softmax_jacobian, out.size, y, _t(y, temperature), out)
     return out
@@ -187,7 +202,7 @@ def _run_cross_entropy(x, labels, weight, ignore_index, eps, z_loss, reduction, 
         denominator = dtype(denominator)
         scale = dtype(0) if denominator == 0 else dtype(1) / denominator
     per_example = np.zeros(n_rows, dtype=np.float64)
-    grad = np.empty_like(x) if want_grad else None
+    grad = _buffers.empty(x.shape, x.dtype) if want_grad else None
     if x.size:
         kernels = _module("cross_entropy")
         options = (a, b, float(z_loss), float(scale), _lowest(x), per_example, grad)
