@@ -81,10 +81,10 @@ def _grad_entry(g, j, x, e, q, top_value, coef, scale, s_q, top_extra, absent):
 
 
 @njit
-def _example(row, g, label, soft_row, weight, a, b, valid, z_loss, scale, lowest):
-    """The loss of one example; writes its gradient into ``g`` unless None."""
+def _example(row, g, label, soft_row, weight, a, b, valid, z_loss, scale, lowest, ahead):
+    """The loss of one example; writes its gradient into ``g`` unless None; prefetches ``ahead``."""
     raw_max, m = max_and_shift(row)
-    below, n_top = sum_exp(row, m, None, lowest, g)
+    below, n_top = sum_exp(row, m, None, lowest, g, ahead)
     e_total = below + n_top
     rest = below + (n_top - 1.0)
     lse = math.log1p(rest)
@@ -130,17 +130,19 @@ def with_labels(x, labels, weight, ignore_index, a, b, z_loss, scale, lowest, lo
         bi = b if valid else x.dtype.type(0)
         label = label if valid else 0
         v = 1.0 if valid else 0.0
+        ahead = x[min(i + 1, x.shape[0] - 1)]
         if grad is None:
-            loss[i] = _example(x[i], None, label, None, weight, ai, bi, v, z_loss, scale, lowest)
+            loss[i] = _example(x[i], None, label, None, weight, ai, bi, v, z_loss, scale, lowest, ahead)
         else:
-            loss[i] = _example(x[i], grad[i], label, None, weight, ai, bi, v, z_loss, scale, lowest)
+            loss[i] = _example(x[i], grad[i], label, None, weight, ai, bi, v, z_loss, scale, lowest, ahead)
 
 
 @njit(parallel=True, cache=True)
 def with_soft_labels(x, soft, weight, a, b, z_loss, scale, lowest, loss, grad):
     """Cross-entropy with soft labels (class probabilities)."""
     for i in prange(x.shape[0]):
+        ahead = x[min(i + 1, x.shape[0] - 1)]
         if grad is None:
-            loss[i] = _example(x[i], None, 0, soft[i], weight, a, b, 1.0, z_loss, scale, lowest)
+            loss[i] = _example(x[i], None, 0, soft[i], weight, a, b, 1.0, z_loss, scale, lowest, ahead)
         else:
-            loss[i] = _example(x[i], grad[i], 0, soft[i], weight, a, b, 1.0, z_loss, scale, lowest)
+            loss[i] = _example(x[i], grad[i], 0, soft[i], weight, a, b, 1.0, z_loss, scale, lowest, ahead)

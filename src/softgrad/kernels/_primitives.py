@@ -18,6 +18,7 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 _CONSTANTS = {
@@ -160,3 +161,23 @@ _EXP_IMPLS = {
 @overload(exp, jit_options={"fastmath": {"contract"}})
 def _exp_typed(z):
     return _EXP_IMPLS.get(z)
+
+
+@intrinsic
+def prefetch(typingctx, a, j):
+    """Ask for the cache line of ``a[j]`` to be brought into L2, without waiting for it."""
+    if not isinstance(a, types.Array):
+        return None
+
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        array = context.make_array(array_type)(context, builder, args[0])
+        pointer = cgutils.get_item_pointer(context, builder, array_type, array, [args[1]], wraparound=False)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = builder.module.declare_intrinsic("llvm.prefetch", [i8p], ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]))
+        # read, moderate temporal locality (L2), data cache
+        builder.call(fn, [builder.bitcast(pointer, i8p), ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(a, j), codegen

@@ -2,6 +2,8 @@
 
 A row of up to ~100k float32 stays in the core's L2 cache between passes, so
 only the first pass over a row reads main memory; the later ones are cheap.
+The exponentials of the second pass are the costly compute, and while they
+run the next row is prefetched, so that its first pass does not wait either.
 
 Sums are accumulated in blocks of ``BLOCK`` entries in the input dtype, then
 in float64 across blocks: the blocks vectorise (a float32 block sum has a few
@@ -14,7 +16,7 @@ it, and numba keeps the flags per function.
 import numpy as np
 from numba import njit
 
-from ._primitives import exp, half, maximum
+from ._primitives import exp, half, maximum, prefetch
 
 BLOCK = 256
 _REDUCE = {"reassoc", "contract"}
@@ -66,8 +68,11 @@ def _exp_entry(row, j, m, t, lowest, out):
 
 
 @njit(fastmath=_REDUCE)
-def sum_exp(row, m, t, lowest, out):
+def sum_exp(row, m, t, lowest, out, ahead=None):
     """(Σ_{z<0} e^z, count of z = 0) in float64; stores e^z in ``out`` unless None.
+
+    ``ahead``: the row the caller works on next, prefetched block by block
+    while the exponentials keep the core busy (see :func:`prefetch_block`).
 
     Together they give the log1p form of log-sum-exp (docs/architecture.md).
     The blocks are loops of constant length inside this function: LLVM
@@ -77,6 +82,7 @@ def sum_exp(row, m, t, lowest, out):
     n_top = 0.0
     n_blocks = row.shape[0] // BLOCK
     for block in range(n_blocks):
+        prefetch_block(ahead, block * BLOCK)
         b = row.dtype.type(0)
         c = row.dtype.type(0)
         for k in range(BLOCK):
@@ -92,6 +98,19 @@ def sum_exp(row, m, t, lowest, out):
         b += e
         c += top
     return below + b, n_top + c
+
+
+@njit
+def prefetch_block(ahead, start):
+    """Prefetch ``ahead[start : start + BLOCK]`` (clipped to the row); None does nothing.
+
+    A kernel passes the row it will work on next while it computes on the
+    current one, which is in cache: the next row's first pass then finds it
+    in L2 instead of waiting on main memory, and the two overlap.
+    """
+    if ahead is not None:
+        for j in range(start, min(start + BLOCK, ahead.shape[0]), 64 // ahead.itemsize):
+            prefetch(ahead, j)
 
 
 @njit

@@ -22,7 +22,7 @@ def softmax(x, t, out):
     for i in prange(x.shape[0]):
         row, o = x[i], out[i]
         _, m = max_and_shift(row)
-        below, n_top = sum_exp(row, m, t, no_saturation, o)
+        below, n_top = sum_exp(row, m, t, no_saturation, o, x[min(i + 1, x.shape[0] - 1)])
         s = x.dtype.type(below + n_top)
         s = one if s == 0 else s
         for j in range(row.shape[0]):
@@ -35,7 +35,7 @@ def log_softmax(x, t, lowest, out):
     for i in prange(x.shape[0]):
         row, o = x[i], out[i]
         _, m = max_and_shift(row)
-        below, n_top = sum_exp(row, m, t, lowest, None)
+        below, n_top = sum_exp(row, m, t, lowest, None, x[min(i + 1, x.shape[0] - 1)])
         lse = math.log1p(below + (n_top - 1.0))
         lse = x.dtype.type(0.0 if lse == -np.inf else lse)
         for j in range(row.shape[0]):
