@@ -97,17 +97,23 @@ def test_temperature_brings_an_overflowing_difference_back_into_range(backend, d
 
 def test_minus_inf_is_absent(run_all):
     dtype, run = run_all
-    values = np.array([[0.5, -np.inf, 2.0, -1.0], [-np.inf] * 4, [-np.inf, 3.0, -np.inf, -np.inf]])
+    values = np.array([[0.5, -np.inf, 2.0, -1.0], [-np.inf] * 4, [-np.inf, 3.0, -np.inf, -np.inf],
+                       [1.0, -np.inf, 0.0, 2.0]])
     absent = ~np.isfinite(values)
-    results = run(values, np.array([0, 1, 1]), np.ones((3, 4)), np.linspace(-1, 1, 12).reshape(3, 4))
+    results = run(values, np.array([0, 1, 1, 1]), np.ones((4, 4)), np.linspace(-1, 1, 16).reshape(4, 4))
     for name, value in results.items():
         assert not np.isnan(value).any(), f"{name}: {value}"
     assert np.all(results["softmax"][absent] == 0) and np.all(results["log_softmax"][absent] == -np.inf)
     for name in ("grad", "hvp", "softmax_vjp", "softmax_jvp", "log_softmax_vjp", "log_softmax_jvp"):
         assert np.all(results[name][absent] == 0), f"{name}: {results[name]}"
     assert np.all(results["softmax_jacobian"][1] == 0) and np.all(results["log_softmax_jacobian"][1] == 0)
-    assert results["cross_entropy"][1] == np.inf, "the label's logit is -inf: the loss is +inf"
+    assert np.all(results["cross_entropy"][[1, 3]] == np.inf), "the label's logit is -inf: the loss is +inf"
     assert np.isfinite(results["cross_entropy"][[0, 2]]).all()
+    # An absent label gets gradient 0 like every absent entry: (1 + 2 z_loss lse) p - q
+    # is (1 + 2 z_loss lse) p elsewhere (z_loss = 0.01).
+    x = to_float64(cast(values[3], dtype))
+    expected = (1 + 0.02 * oracle.logsumexp(x)) * oracle.softmax(x)
+    assert_close(results["grad"][3], expected, dtype=dtype, terms=4, spread=spread(x, dtype=dtype))
 
 
 def test_minus_inf_tensorflow_gradients_have_no_nan(tf, tf_run):
