@@ -224,6 +224,19 @@ def test_confident_rows_keep_relative_precision():
 
 
 @compiled
+@given(n=CLASSES, data=st.data())
+def test_first_argmax_is_numpys_argmax(n, data):
+    from softgrad.kernels._rows import first_argmax
+
+    # few distinct values: ties within and across the 256-entry blocks
+    row = np.array(data.draw(st.lists(st.sampled_from([-np.inf, -1.0, 0.0, 2.0]), min_size=n, max_size=n)))
+    assert first_argmax(row) == np.argmax(row)
+    if data.draw(st.booleans()):
+        row[data.draw(st.integers(0, n - 1))] = np.nan
+        assert first_argmax(row) == 0
+
+
+@compiled
 def test_empty_and_poisoned_rows():
     x = np.array([[-np.inf, -np.inf, -np.inf], [1.0, np.nan, -np.inf], [np.inf, 0.0, -np.inf]])
     np.testing.assert_array_equal(kernels.softmax(x)[0], 0.0)

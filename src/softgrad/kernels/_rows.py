@@ -114,10 +114,26 @@ def prefetch_block(ahead, start):
 
 
 @njit
-def first_index_of(row, value):
-    """The first j with row[j] == value, or 0 when there is none (NaN)."""
-    for j in range(row.shape[0]):
-        if row[j] == value:
+def first_argmax(row):
+    """The first j with row[j] == max(row); 0 for a row holding a NaN, or empty.
+
+    The max is found block by block (vectorised), remembering the first
+    block that reached it; only that block is searched entry by entry.
+    """
+    n = row.shape[0]
+    m = row.dtype.type(-np.inf)
+    where = 0
+    for start in range(0, n, BLOCK):
+        block_max = row.dtype.type(-np.inf)
+        for j in range(start, min(start + BLOCK, n)):
+            block_max = maximum(block_max, row[j])
+        if block_max != block_max:
+            return 0
+        if block_max > m:
+            m = block_max
+            where = start
+    for j in range(where, min(where + BLOCK, n)):
+        if row[j] == m:
             return j
     return 0
 

@@ -11,7 +11,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._primitives import exp
-from ._rows import blocked_sum, first_index_of, max_and_shift, row_max, shifted, sum_exp
+from ._rows import blocked_sum, first_argmax, max_and_shift, shifted, sum_exp
 
 
 @njit(parallel=True, cache=True)
@@ -53,7 +53,7 @@ def softmax_vjp(y, dy, out):
     zero = y.dtype.type(0)
     for i in prange(y.shape[0]):
         yr, dyr, o = y[i], dy[i], out[i]
-        d_top = dyr[first_index_of(yr, row_max(yr))]
+        d_top = dyr[first_argmax(yr)]
         total = y.dtype.type(blocked_sum(_shifted_product, yr.shape[0], zero, (yr, dyr, d_top)))
         for j in range(yr.shape[0]):
             o[j] = yr[j] * ((dyr[j] - d_top) - total)
@@ -79,7 +79,7 @@ def log_softmax_vjp(logp, g, out):
         total = g.dtype.type(blocked_sum(_present, n, zero, (lr, gr)))
         for j in range(n):
             o[j] = zero if lr[j] == -np.inf else gr[j] - exp(lr[j]) * total
-        top = first_index_of(lr, row_max(lr))
+        top = first_argmax(lr)
         o[top] = -blocked_sum(_except, n, zero, (o, top))
 
 
