@@ -163,7 +163,8 @@ def test_default_chunk_size_follows_the_memory_budget():
     assert sg.linear_cross_entropy.__module__ == "softgrad.linear_cross_entropy"
     from softgrad.linear_cross_entropy import default_chunk_size
 
-    assert default_chunk_size(4096, 32768, 4, "tensorflow") == 512
+    assert default_chunk_size(4096, 32768, 4, "tensorflow") == 256
+    assert default_chunk_size(2048, 131072, 4, "tensorflow") == 512
     assert default_chunk_size(4096, 32768, 4, "numpy") == 128
     assert default_chunk_size(4096, 100, 4, "tensorflow") == 100
     assert default_chunk_size(10**6, 32768, 8, "numpy") == 128
@@ -211,6 +212,40 @@ def test_tensorflow_never_allocates_the_logits(tf):
     assert grads[1].shape == (d, v)
     assert peak < n * v * 4 / 8, f"peak {peak / 2**20:.1f} MiB"
 
+
+
+def test_tensorflow_holds_dw_once(tf):
+    """Peak = dW + dh + one chunk's temporaries: no second copy of dW.
+
+    The gradient pass holds dW and dh and, per chunk, the N x B gradient
+    block (written over the logits), the N x D product G_k W_k^T before it
+    is added into dh, and two D x B blocks; the log-sum-exp pass holds two
+    N x B blocks and no gradient (see the default chunk width in
+    linear_cross_entropy.py). The slack, a quarter of dW, covers the per-row
+    vectors and the allocator's rounding; a copy of dW would exceed it.
+    """
+    n, d, v, width = 1024, 64, 16384, 256
+    rng = np.random.default_rng(7)
+    h = tf.constant(rng.normal(size=(n, d)).astype(np.float32))
+    w = tf.constant((rng.normal(size=(d, v)) / 8).astype(np.float32))
+    t = tf.constant(rng.integers(0, v, size=n))
+
+    def step():
+        with tf.GradientTape() as tape:
+            tape.watch([h, w])
+            loss = sg.linear_cross_entropy(h, w, t, chunk_size=width)
+        return tape.gradient(loss, [h, w])
+
+    step()  # compile first
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+    grads = step()
+    peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
+    dw, dh = d * v * 4, n * d * 4
+    chunk = (n * width + n * d + 2 * d * width) * 4
+    bound = max(2 * n * width * 4, dw + dh + chunk) + dw // 4
+    assert grads[1].shape == (d, v)
+    assert peak <= bound, f"peak {peak / 2**20:.2f} MiB > {bound / 2**20:.2f} MiB"
 
 # -- TensorFlow ------------------------------------------------------------
 
