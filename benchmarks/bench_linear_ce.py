@@ -8,24 +8,37 @@
 script adds what the harness cannot see, the peak memory of TensorFlow and
 PyTorch, and the PyTorch chunked path.
 
-Every (case, shape) runs in a fresh interpreter, so that one case's memory
-cannot be reused by the next: inputs are made, one call warms up (and
-compiles), then `--runs` timed calls give the median and the spread
-(min-max), and one more call gives ``peak_MiB``, the peak memory above what
-was held before it (the inputs, the frameworks), counted by
+Every (case, shape) runs in two fresh interpreters, so that one case's
+memory cannot be reused by the next. In each, inputs are made and one call
+warms up (and compiles); nothing of that call is kept (the PyTorch case
+clears the leaves' ``.grad``). Then:
 
-* TensorFlow's allocator (``tf.config.experimental.get_memory_info``), for
-  the TF cases;
-* ``tracemalloc``, which NumPy reports every array to, for the NumPy case;
-* the growth of the process's peak resident memory (VmHWM after resetting
-  it) for PyTorch, which keeps no count of CPU memory; large blocks are
-  returned to the system on free (MALLOC_MMAP_THRESHOLD_), so each
-  allocation shows.
+1. the timing interpreter makes `--runs` timed calls (median and min-max),
+   and one more call gives ``peak_MiB``, the peak memory above what was
+   held before it (the inputs, the frameworks), counted by each framework's
+   own means:
 
-The peak includes the gradients themselves (dW is D*V*4 bytes, dh N*D*4),
-which every path must produce. Results are appended to
-benchmarks/results/linear_ce.csv; the plot of peak memory against V goes to
-benchmarks/results/linear_ce_memory.png.
+   * TensorFlow's allocator (``tf.config.experimental.get_memory_info``)
+     for the TF cases;
+   * ``tracemalloc``, which NumPy reports every array to, for NumPy;
+   * resident memory (below) for PyTorch, which keeps no count of CPU memory;
+
+2. the memory interpreter makes one more call and gives ``rss_MiB``, the
+   same method for every case: the growth of the process's peak resident
+   memory during the call (VmHWM, reset through /proc/self/clear_refs just
+   before it, minus VmRSS then). For every allocation to show, large blocks
+   must go back to the system when freed: glibc does that with
+   ``MALLOC_MMAP_THRESHOLD_=65536``, and TensorFlow's oneDNN CPU allocator,
+   which otherwise keeps freed memory in a pool (so the resident size would
+   not grow after the warm-up call), uses plain malloc with
+   ``TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1``. Timings are not taken here, since
+   that allocator changes them.
+
+``peak_MiB`` and ``rss_MiB`` agree to a few MiB for TensorFlow; ``rss_MiB`` is
+the apples-to-apples column across frameworks. Both include the gradients
+themselves (dW is D*V*4 bytes, dh N*D*4), which every path must produce.
+Results are appended to benchmarks/results/linear_ce.csv; the plot of peak
+memory against V (``rss_MiB``) goes to benchmarks/results/linear_ce_memory.png.
 """
 
 import argparse
@@ -117,10 +130,14 @@ def _torch_case(name, h, w, t):
             return F.linear_cross_entropy(h, w, t, options=options)
 
     def run():
-        h.grad = w.grad = None
         value = loss()
         value.backward()
-        return float(value.detach()), (h.grad, w.grad)
+        # The leaves must not keep the gradients: the memory measured before
+        # the next call would include them, and freeing them during the
+        # call would hide as much of its own peak.
+        grads = (h.grad, w.grad)
+        h.grad = w.grad = None
+        return float(value.detach()), grads
 
     return run
 
@@ -217,6 +234,8 @@ def _peak_traced(run):
 def measure(name, n, d, v, runs):
     run = make_case(name, n, d, v)
     run()
+    if runs == 0:
+        return {"rss_MiB": _peak_rss(run)[0]}
     times = []
     for _ in range(runs):
         start = time.perf_counter()
@@ -237,13 +256,19 @@ def measure(name, n, d, v, runs):
 # -- the parent: one child per measurement, then the table, CSV and plot ----
 
 
-def run_child(name, n, d, v, runs):
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "TF_CPP_MIN_LOG_LEVEL": "3"}
+def _child(name, n, d, v, runs, **env):
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "TF_CPP_MIN_LOG_LEVEL": "3", **env}
     args = [sys.executable, __file__, "--child", name, str(n), str(d), str(v), str(runs)]
     out = subprocess.run(args, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{name} at {(n, d, v)} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_child(name, n, d, v, runs):
+    """Times and the framework's own peak (runs >= 1), then the resident peak, each in a fresh interpreter."""
+    timed = _child(name, n, d, v, runs) if runs else {}
+    return {**timed, **_child(name, n, d, v, 0, TF_ONEDNN_USE_SYSTEM_ALLOCATOR="1")}
 
 
 def available(name):
@@ -255,30 +280,45 @@ def available(name):
     return importlib.util.find_spec(module) is not None
 
 
+def floor_mib(n, d, v):
+    """dW + dh in float32: what every path must return, the least any peak can be."""
+    return (d * v + n * d) * 4 / MiB
+
+
 def table(rows):
     """The results, with each case's ratios to plain TF at the same shape."""
-    base = {(r["N"], r["V"]): r for r in rows if r["case"] == "tf_plain"}
+    base = {(r["N"], r["D"], r["V"]): r for r in rows if r["case"] == "tf_plain"}
     print(f"{'case':<15} {'N':>5} {'D':>4} {'V':>7} {'time_s':>7} {'min-max_s':>13} {'peak_MiB':>9} "
-          f"{'memory_by':<13} {'time/tf_plain':>13} {'peak/tf_plain':>13}")
+          f"{'memory_by':<13} {'rss_MiB':>8} {'floor_MiB':>9} {'time/tf_plain':>13} {'peak/tf_plain':>13} "
+          f"{'rss/tf_plain':>12}")
     for r in rows:
-        b = base.get((r["N"], r["V"]))
+        b = base.get((r["N"], r["D"], r["V"]))
         time_ratio = r["time_s"] / b["time_s"] if b else float("nan")
         mem_ratio = r["peak_MiB"] / b["peak_MiB"] if b else float("nan")
+        rss_ratio = r["rss_MiB"] / b["rss_MiB"] if b else float("nan")
         print(f"{r['case']:<15} {r['N']:>5} {r['D']:>4} {r['V']:>7} {r['time_s']:>7.3f} "
               f"{r['time_min_s']:>6.3f}-{r['time_max_s']:<6.3f} {r['peak_MiB']:>9.1f} {r['memory_by']:<13} "
-              f"{time_ratio:>13.2f} {mem_ratio:>13.3f}")
+              f"{r['rss_MiB']:>8.1f} {floor_mib(r['N'], r['D'], r['V']):>9.1f} "
+              f"{time_ratio:>13.2f} {mem_ratio:>13.3f} {rss_ratio:>12.3f}")
 
 
 def write_csv(rows):
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "linear_ce.csv"
     fields = ["date", "machine", "case", "N", "D", "V", "time_s", "time_min_s", "time_max_s",
-              "peak_MiB", "memory_by"]
-    new = not path.exists()
-    with path.open("a", newline="") as f:
+              "peak_MiB", "memory_by", "rss_MiB"]
+    old = []
+    if path.exists():
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != fields:  # an older file without a column: rewrite it
+                old = list(reader)
+    new = not path.exists() or bool(old)
+    with path.open("w" if new else "a", newline="") as f:
         writer = csv.DictWriter(f, fields, extrasaction="ignore")
         if new:
             writer.writeheader()
+            writer.writerows(old)
         stamp = time.strftime("%Y-%m-%d %H:%M")
         machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
         for r in rows:
@@ -294,11 +334,13 @@ def plot(sweep, cases):
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name in cases:
-        pts = [(r["V"], r["peak_MiB"]) for r in sweep if r["case"] == name]
+        pts = [(r["V"], r["rss_MiB"]) for r in sweep if r["case"] == name]
         if pts:
             ax.loglog(*zip(*pts), marker="o", label=name)
+    vs = sorted({r["V"] for r in sweep})
+    ax.loglog(vs, [floor_mib(SWEEP_N, SWEEP_D, v) for v in vs], "k--", lw=1, label="dW + dh (floor)")
     ax.set_xlabel("vocabulary size V")
-    ax.set_ylabel("peak memory above inputs (MiB)")
+    ax.set_ylabel("peak resident memory above inputs (MiB)")
     ax.set_title(f"Linear + cross-entropy, fwd + bwd, N={SWEEP_N}, D={SWEEP_D}, float32")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
@@ -342,7 +384,7 @@ def main():
         for v in QUICK_SWEEP_V if args.quick else SWEEP_V:
             for name in (c for c in args.sweep_cases if available(c)):
                 sweep.append({"case": name, "N": SWEEP_N, "D": SWEEP_D, "V": v,
-                              **run_child(name, SWEEP_N, SWEEP_D, v, 1)})
+                              **run_child(name, SWEEP_N, SWEEP_D, v, 0)})
         write_csv(sweep)
         print(f"memory against V: {plot(sweep, args.sweep_cases)}")
 
