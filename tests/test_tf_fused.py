@@ -84,3 +84,86 @@ def test_compiled_path_is_taken_for_large_inputs(monkeypatch):
     sg.softmax(tf.zeros((2, fused.MIN_ELEMENTS // 2)))
     sg.softmax(tf.zeros((2, 3)))
     assert len(calls) == 1
+
+
+# -- cross-entropy from the labels: edge rows through the compiled path ------
+
+BIG32 = float(np.finfo(np.float32).max)
+EDGE_ROWS = np.array([
+    [0.0, -40.0, -45.0, -50.0, -60.0],  # confident, label at the max
+    [0.0, -40.0, -45.0, -50.0, -60.0],  # confident, label elsewhere
+    [3.0, 3.0, 1.0, 3.0, -2.0],  # ties at the max, label among them
+    [3.0, 3.0, 1.0, 3.0, -2.0],  # ties at the max, label below
+    [1.0, -np.inf, 0.0, 2.0, 0.5],  # label on an absent class
+    [1.0, np.nan, 0.0, 2.0, 0.0],  # NaN
+    [1.0, np.inf, 0.0, 2.0, 0.0],  # +inf
+    [BIG32, -BIG32, 0.0, 1.0, 2.0],  # a shifted logit that overflows: saturates
+    [-np.inf] * 5,  # no entry left
+    [0.5, 1.0, -1.0, 2.0, 0.0],  # an ordinary row
+])
+EDGE_LABELS = np.array([0, 1, 1, 2, 1, 0, 3, 1, 2, 4])
+EDGE_OPTIONS = {
+    "plain": {},
+    "ignored": {"ignore_index": 4},
+    "weight_smoothing": {"weight": np.array([0.5, 2.0, 1.0, 0.0, 1.5]), "label_smoothing": 0.1},
+}
+# No z_loss here: it squares the log-sum-exp, which for the saturating row is
+# a true overflow; test_compiled_path_matches_op_by_op covers it.
+
+
+def _edge_outputs(x, labels, options):
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        loss = sg.cross_entropy(x, labels, reduction="none", **options)
+        mean = sg.cross_entropy(x, labels, **options)
+        with_grad_loss, with_grad = sg.cross_entropy_with_grad(x, labels, reduction="none", **options)
+    return dict(loss=loss, grad=tape.gradient(loss, x), mean_grad=tape.gradient(mean, x),
+                with_grad_loss=with_grad_loss, with_grad=with_grad)
+
+
+@pytest.mark.parametrize("option_name", sorted(EDGE_OPTIONS))
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cross_entropy_edge_rows_match_op_by_op(tf_run, option_name, dtype, monkeypatch):
+    """-inf absent, NaN/+inf poison their row, saturation, ties and empty rows
+    come out of the compiled label path as out of the op-by-op path."""
+    options = {k: tf.constant(v, dtype) if k == "weight" else v for k, v in EDGE_OPTIONS[option_name].items()}
+    run = lambda: tf_run(lambda x: _edge_outputs(x, EDGE_LABELS, options), EDGE_ROWS.astype(dtype))
+    monkeypatch.setattr(fused, "MIN_ELEMENTS", 1 << 62)
+    expected = run()
+    monkeypatch.setattr(fused, "MIN_ELEMENTS", 1)
+    actual = run()
+    for name, e in expected.items():
+        a, e = actual[name].astype(np.float64), e.astype(np.float64)
+        # the same non-finite entries, row by row
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(e), err_msg=f"{name} NaN")
+        np.testing.assert_array_equal(np.where(np.isinf(e), e, 0), np.where(np.isinf(a), a, 0), err_msg=name)
+        finite = np.isfinite(e)
+        # two evaluations, each within the bound of the truth: twice the
+        # bound, relative to each row's largest entry
+        scale = 2 * np.max(np.abs(np.where(finite, e, 0.0)), axis=-1, keepdims=True) if e.ndim > 1 else 2 * e
+        assert_close(np.where(finite, a, 0.0), np.where(finite, e, 0.0), dtype=dtype, terms=5 + len(EDGE_LABELS),
+                     spread=80, scale=scale * np.ones_like(e), err_msg=f"{option_name} {name}")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cross_entropy_label_path_keeps_full_relative_precision(tf_run, dtype, monkeypatch):
+    """Per row, loss and gradient to full relative precision, tiny components
+    included, whether or not the label is at the max (mpmath reference)."""
+    import mpmath
+
+    rows = EDGE_ROWS[[0, 1, 2, 3, 9]]
+    labels = EDGE_LABELS[[0, 1, 2, 3, 9]]
+    monkeypatch.setattr(fused, "MIN_ELEMENTS", 1)
+    out = tf_run(lambda x: _edge_outputs(x, labels, {}), rows.astype(dtype))
+    with mpmath.workdps(60):
+        for i, (row, label) in enumerate(zip(rows, labels)):
+            e = [mpmath.exp(mpmath.mpf(float(v))) for v in row]
+            p = [v / mpmath.fsum(e) for v in e]
+            loss = float(-mpmath.log(p[label]))
+            grad = np.array([float(pc - (1 if c == label else 0)) for c, pc in enumerate(p)])
+            for name in ("loss", "with_grad_loss"):
+                assert_close(out[name][i], loss, dtype=dtype, terms=5, spread=60, scale=abs(loss),
+                             err_msg=f"row {i} {name}")
+            for name in ("grad", "with_grad"):
+                assert_close(out[name][i], grad, dtype=dtype, terms=5, spread=60, scale=np.abs(grad),
+                             err_msg=f"row {i} {name}")

@@ -42,10 +42,20 @@ def shifted_logits(xp, x, temperature=1.0, mask=None):
         # neither their value nor their gradient can produce inf - inf or
         # 0 * inf.
         z = _divided(xp.where(present, x, m), m, temperature)
+    return _saturated(xp, z, present), m
+
+
+def shifted_by(xp, x, m):
+    """z of :func:`shifted_logits` (no mask, T = 1) for the shift ``m`` it
+    returned, here for entries picked from x or for x again."""
+    return _saturated(xp, x - m, x != NEG_INF)
+
+
+def _saturated(xp, z, present):
     # A present entry whose shifted logit overflows (x = -max next to
     # x = max) saturates at the most negative float instead of becoming
     # -inf, which would mean absent: finite logits give finite results.
-    return xp.where(present, xp.saturate(z), NEG_INF), m
+    return xp.where(present, xp.saturate(z), NEG_INF)
 
 
 def _divided(x, m, temperature):
@@ -72,6 +82,23 @@ def logsumexp_body(xp, z):
     below = xp.rowsum(xp.where(top, xp.zeros_like(z), xp.exp(z)))
     rest = below + (xp.rowsum(xp.cast_like(top, z)) - 1)
     return xp.log1p(rest)
+
+
+def logsumexp_anchored(xp, z, k):
+    """log Σ exp(z) for shifted logits, anchored at an entry ``k`` (..., 1).
+
+    Σ e^z = 1 + Σ_c (e^{z_c} - [c = k]) for any k, so the log1p form of
+    :func:`logsumexp_body` holds with that sum as ``rest``. Where z_k = 0 (k
+    is at the row max) the anchor's term is exactly 0 and ``rest`` is the
+    same sum of the other entries, ties included, as there: full relative
+    precision, from one pass over the row and no count of the ties. Elsewhere
+    ``rest`` holds the max's 1 and has the absolute precision of that sum
+    (derivations.md#softmax). A row with no entry gives -inf (rest = -1); a
+    NaN gives NaN wherever it is, the anchor included.
+    """
+    # The 1 comes off the anchor's term alone rather than through a one-hot
+    # row, which would cost a comparison per entry.
+    return xp.log1p(xp.rowsum(xp.add_at(xp.exp(z), k, -1.0)))
 
 
 def softmax_body(xp, z):
@@ -200,7 +227,7 @@ class Targets:
         if self.soft is not None:
             return self.soft
         xp = self._xp
-        y = xp.one_hot(self.labels, self._n_classes, self._dtype)
+        y = xp.one_hot(self.index[..., 0], self._n_classes, self._dtype)
         return y * xp.cast_like(xp.expand_dims(self.valid, -1), y)
 
     @functools.cached_property
@@ -218,9 +245,72 @@ class Targets:
         xp = self._xp
         if self.soft is not None:
             return xp.count_rows(self.soft)
-        if self.weight is None:
-            return xp.total(xp.cast_to(self.valid, self._dtype))
-        return xp.total(xp.rowsum(self._y * self.weight)[..., 0])
+        return xp.total(self.label_weight)
+
+    @functools.cached_property
+    def index(self):
+        """Integer labels as an index into the class axis, shape (..., 1);
+        ignored examples, whose label may lie outside it, point at class 0."""
+        xp = self._xp
+        labels = self.labels if self.ignore_index is None else xp.where(self.valid, self.labels, 0)
+        return xp.expand_dims(xp.cast(labels, "int32"), -1)
+
+    @functools.cached_property
+    def label_weight(self):
+        """w[label] for the examples that count, 0 for the others (integer labels)."""
+        xp = self._xp
+        valid = xp.cast_to(self.valid, self._dtype)
+        return valid if self.weight is None else valid * xp.lookup(self.weight, self.index[..., 0])
+
+    @functools.cached_property
+    def total(self):
+        """S = sum_c q_c per example, shape (..., 1).
+
+        For integer labels, from the label's weight instead of a sum over the
+        dense q: S = valid * ((1 - eps) w[label] + eps / C * sum(w)).
+        """
+        xp = self._xp
+        if self.soft is not None:
+            return xp.rowsum(self.q)
+        eps, s = self.label_smoothing, self.label_weight
+        if eps:
+            spread = 1.0 if self.weight is None else xp.total(self.weight) / self._n_classes
+            s = (1.0 - eps) * s + (eps * spread) * xp.cast_to(self.valid, self._dtype)
+        return xp.expand_dims(s, -1)
+
+    @functools.cached_property
+    def smoothing_share(self):
+        """The part of q that label smoothing spreads over the row,
+        valid * eps / C * w (broadcastable to the logits), or 0."""
+        xp, eps = self._xp, self.label_smoothing
+        if not eps:
+            return 0.0
+        share = (eps / self._n_classes) * xp.expand_dims(xp.cast_to(self.valid, self._dtype), -1)
+        return share if self.weight is None else share * self.weight
+
+    @functools.cached_property
+    def label_q(self):
+        """q at the label, shape (..., 1) (integer labels)."""
+        q = self._xp.expand_dims(self.label_weight, -1)
+        eps = self.label_smoothing
+        return ((1.0 - eps) + eps / self._n_classes) * q if eps else q
+
+    def label_dot(self, at_label, z):
+        """sum_c q_c z_c per example, shape (..., 1), with 0 * -inf = 0, for
+        integer labels: the label's entry of z (``at_label``) times its
+        weight, plus the smoothing's share of the row."""
+        xp = self._xp
+        a = xp.expand_dims(self.label_weight, -1)
+        eps = self.label_smoothing
+        if eps:
+            a = (1.0 - eps) * a
+        dot = xp.where(a == 0, xp.zeros_like(a), a * at_label)
+        if eps:
+            w = 1.0 if self.weight is None else self.weight
+            wz = z if self.weight is None else xp.where(w == 0, xp.zeros_like(z), w * z)
+            valid = xp.expand_dims(self.valid, -1)
+            dot = dot + xp.where(valid, (eps / self._n_classes) * xp.rowsum(wz), xp.zeros_like(dot))
+        return dot
 
 
 def targets(xp, labels, n_classes, dtype, *, soft, weight, ignore_index, label_smoothing):
@@ -270,16 +360,36 @@ def xent_body(xp, z, q):
     return loss[..., 0], lse
 
 
-def xent_grad(xp, z, lse, q):
+def label_xent_body(xp, x, z, m, tg):
+    """``(loss, lse)`` per row as :func:`xent_body`, for integer labels,
+    without the dense q; ``z, m = shifted_logits(xp, x)``.
+
+    The log-sum-exp is anchored at the label (:func:`logsumexp_anchored`):
+    exact for any anchor, and at full relative precision when the label is at
+    the row max, the one case where the loss is tiny. Otherwise p_label <= 1/2
+    and the loss, at least S log 2, does not need it.
+
+    The row's sum exponentiates x - m rather than z: an entry that z marks
+    absent (-inf) or saturates has e^{x - m} = 0 as well, so the sum is the
+    same, and a compiler can form it from x instead of keeping z in memory
+    for the gradient. The label's own z is formed from its logit alone.
+    """
+    lse = logsumexp_anchored(xp, x - m, tg.index)
+    at_label = shifted_by(xp, xp.take(x, tg.index), m)
+    loss = tg.total * _finite_or_zero(xp, lse) - tg.label_dot(at_label, z)
+    return loss[..., 0], lse
+
+
+def xent_grad(xp, z, lse, q, total=None):
     """d xent / dz = S p - q with S = sum(q) (derivations.md#cross-entropy-gradient).
 
     At a row's max (z = 0), S p - q is evaluated as (S - q) + S (p - 1) with
     p - 1 = expm1(-lse): the naive p - 1 would round a 1e-17 gradient to 0
     (derivations.md#precision). Adding p - exp(-lse), which is 0 there, keeps
     the expression's own derivative that of S p - q. Absent entries
-    (z = -inf) get 0.
+    (z = -inf) get 0. ``total`` is S when the caller has it.
     """
-    total = xp.rowsum(q)
+    total = xp.rowsum(q) if total is None else total
     lse = _finite_or_zero(xp, lse)
     p = xp.exp(z - lse)
     at_max = (total - q) + total * (xp.expm1(-lse) + (p - xp.exp(-lse)))
@@ -287,15 +397,30 @@ def xent_grad(xp, z, lse, q):
     return xp.where(z == NEG_INF, xp.zeros_like(g), g)
 
 
-def cross_entropy_parts(xp, x, tg, z_loss):
+def by_label(xp, f, x, z, m, tg):
+    """``f(z, q)`` over the row, for ``f`` elementwise in (z, q), for integer
+    labels without the dense q; ``z, m = shifted_logits(xp, x)``.
+
+    The row is formed with the smoothing's share of q only; the label's own
+    entry, f at its own z with its whole q, is formed apart and put in place.
+    Each entry is thus what f computes from the dense q, at the same
+    precision, without a one-hot row.
+    """
+    at_label = shifted_by(xp, xp.take(x, tg.index), m)
+    return xp.put_at(f(z, tg.smoothing_share), tg.index, f(at_label, tg.label_q))
+
+
+def cross_entropy_parts(xp, x, tg, z_loss, by_label=False):
     """Per-example loss and the intermediates the gradient reuses.
 
     loss_n = -sum(q * logp) + z_loss * lse^2 (derivations.md#cross-entropy,
     #z-loss). Returns ``(loss, z, m, lse)``: the shifted logits, their shift
-    and the log-sum-exp of z.
+    and the log-sum-exp of z. ``by_label`` (integer labels) computes the
+    loss from the labels, :func:`label_xent_body`, rather than through the
+    backend's ``xent_core``.
     """
     z, m = shifted_logits(xp, x)
-    loss, lse = xp.xent_core(z, tg.q)
+    loss, lse = label_xent_body(xp, x, z, m, tg) if by_label else xp.xent_core(z, tg.q)
     if z_loss:
         zterm = z_loss * xp.square(m + lse)[..., 0]
         valid = _valid_rows(xp, tg, zterm)
@@ -310,9 +435,13 @@ def reduce_loss(xp, loss, tg, reduction):
     return total * _scale(xp, tg, reduction, total.dtype)
 
 
-def cross_entropy_grad(xp, z, m, lse, tg, z_loss, reduction):
-    """d loss / d logits = (S p - q) + 2 z_loss lse p, times the reduction's scale."""
-    g = xent_grad(xp, z, lse, tg.q)
+def cross_entropy_grad(xp, z, m, lse, tg, z_loss, reduction, q=None):
+    """d loss / d logits = (S p - q) + 2 z_loss lse p, times the reduction's scale.
+
+    Elementwise in (z, q): ``q`` (default ``tg.q``) lets :func:`by_label`
+    evaluate it without the dense q.
+    """
+    g = xent_grad(xp, z, lse, tg.q if q is None else q, tg.total)
     if z_loss:
         # A row with no entry has lse = -inf and p = 0: its gradient is 0, not -inf * 0.
         zg = (2.0 * z_loss) * _finite_or_zero(xp, m + lse) * xp.exp(z - _finite_or_zero(xp, lse))
@@ -326,8 +455,7 @@ def cross_entropy_hvp(xp, x, tg, v, z_loss, reduction):
     z, m = shifted_logits(xp, x)
     p = xp.softmax_core(z)
     lse = _finite_or_zero(xp, m + xp.logsumexp_core(z)) if z_loss else None
-    total_q = xp.rowsum(tg.q)
-    hv = total_q * softmax_vjp(xp, p, v)
+    hv = tg.total * softmax_vjp(xp, p, v)
     if z_loss:
         zhv = (2.0 * z_loss) * (lse * softmax_vjp(xp, p, v) + p * xp.rowsum(p * v))
         valid = _valid_rows(xp, tg, zhv)

@@ -126,6 +126,17 @@ class NumpyBackend(KernelRouting, Backend):
             return np.zeros(v.shape[:-1] + (1,), dtype=v.dtype)
         return np.take_along_axis(v, index, axis=-1)
 
+    def add_at(self, a, index, value):
+        return self.put_at(a, index, np.take_along_axis(a, index, axis=-1) + value)
+
+    def put_at(self, a, index, value):
+        out = np.array(a, copy=True)
+        np.put_along_axis(out, index, np.broadcast_to(value, index.shape), axis=-1)
+        return out
+
+    def lookup(self, table, index):
+        return table[index]
+
     def index_mask(self, index, like):
         return np.arange(like.shape[-1]) == index
 

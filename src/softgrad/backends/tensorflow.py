@@ -167,8 +167,25 @@ class TensorFlowBackend(Backend):
             return tf.zeros(tf.concat([tf.shape(v)[:-1], [1]], 0), v.dtype)
         return tf.gather(v, index, axis=-1, batch_dims=len(v.shape) - 1)
 
+    def add_at(self, a, index, value):
+        return self._at(tf.tensor_scatter_nd_add, a, index, value)
+
+    def put_at(self, a, index, value):
+        return self._at(tf.tensor_scatter_nd_update, a, index, value)
+
+    def _at(self, scatter, a, index, value):
+        """Scatter one value per row at a per-row index (..., 1); unlike a
+        one-hot row, this costs nothing per entry."""
+        rows = tf.reshape(index, [-1])
+        coords = tf.stack([tf.range(tf.size(rows), dtype=rows.dtype), rows], -1)
+        values = tf.reshape(tf.broadcast_to(tf.cast(value, a.dtype), tf.shape(index)), [-1])
+        return tf.reshape(scatter(tf.reshape(a, [-1, tf.shape(a)[-1]]), coords, values), tf.shape(a))
+
+    def lookup(self, table, index):
+        return tf.gather(table, index)
+
     def index_mask(self, index, like):
-        return tf.equal(tf.range(tf.shape(like)[-1]), index)
+        return tf.equal(tf.range(tf.shape(like)[-1], dtype=index.dtype), index)
 
     def eye_like(self, y):
         return tf.eye(tf.shape(y)[-1], dtype=y.dtype)

@@ -96,26 +96,34 @@ def _cross_entropy_functions(xp, ignore_index, label_smoothing, z_loss, reductio
     @_compiled
     def forward(x, labels, *weight):
         tg = targets(x, labels, weight)
-        loss, z, m, lse = _maths.cross_entropy_parts(xp, x, tg, z_loss)
+        loss, z, m, lse = _maths.cross_entropy_parts(xp, x, tg, z_loss, by_label=True)
         loss = _maths.reduce_loss(xp, loss, tg, reduction)
         if with_grad:
-            grad = _maths.cross_entropy_grad(xp, z, m, lse, tg, z_loss, reduction)
+            grad = _maths.by_label(
+                xp, lambda z, q: _maths.cross_entropy_grad(xp, z, m, lse, tg, z_loss, reduction, q), x, z, m, tg
+            )
             return (loss, grad, lse), m
         return (loss, lse), m
 
     @_compiled
     def backward(x, labels, m, outputs, output_gradients, *weight):
         tg = targets(x, labels, weight)
-        z, _ = _maths.shifted_logits(xp, x)
+        z = _maths.shifted_by(xp, x, m)
         lse = outputs[-1]
-        # d loss / d x, from the saved log-sum-exp; with_grad returned it already.
-        grad = outputs[1] if with_grad else _maths.cross_entropy_grad(xp, z, m, lse, tg, z_loss, reduction)
         dloss, dlse = output_gradients[0], output_gradients[-1]
         if reduction == "none":
             dloss = tf.expand_dims(dloss, -1)
-        dx = dloss * grad + dlse * xp.exp(z - tf.where(lse == _maths.NEG_INF, tf.zeros_like(lse), lse))
+        finite_lse = tf.where(lse == _maths.NEG_INF, tf.zeros_like(lse), lse)
         if with_grad:
-            dx = dx + _maths.cross_entropy_hvp(xp, x, tg, output_gradients[1], z_loss, reduction)
-        return dx
+            # d loss / d x, returned already.
+            dx = dloss * outputs[1] + dlse * xp.exp(z - finite_lse)
+            return dx + _maths.cross_entropy_hvp(xp, x, tg, output_gradients[1], z_loss, reduction)
+
+        def dx(z, q):
+            return dloss * _maths.cross_entropy_grad(xp, z, m, lse, tg, z_loss, reduction, q) + dlse * xp.exp(z - finite_lse)
+
+        # The whole cotangent goes through by_label, so that its label entries
+        # are put in place once, at the end.
+        return _maths.by_label(xp, dx, x, z, m, tg)
 
     return forward, backward
