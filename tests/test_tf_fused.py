@@ -167,3 +167,72 @@ def test_cross_entropy_label_path_keeps_full_relative_precision(tf_run, dtype, m
             for name in ("grad", "with_grad"):
                 assert_close(out[name][i], grad, dtype=dtype, terms=5, spread=60, scale=np.abs(grad),
                              err_msg=f"row {i} {name}")
+
+
+# -- the softmax family with the blocked argmax --------------------------------
+
+WIDE = 256  # has a divisor from 16 to sqrt(C): the argmax goes by blocks
+
+
+def _wide_rows(dtype):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(8, WIDE)) * 3
+    x[0, [5, 77, 200]] = 20.0  # ties at the max in different columns and blocks
+    x[1, ::3] = -np.inf  # absent entries
+    x[2, 10] = np.nan
+    x[3, 100] = np.inf
+    x[4] = -np.inf  # no entry left
+    x[5, :] = -40.0
+    x[5, 255] = 0.0  # confident, max in the last entry
+    big = float(np.finfo(dtype).max)
+    x[6, 0], x[6, 1] = big, -big  # a shifted logit that overflows: saturates
+    return x.astype(dtype)
+
+
+def test_blocked_argmax_finds_a_max():
+    x = _wide_rows("float64")
+    found = fused._argmax_index(tf.constant(x)).numpy()[..., 0]
+    ordinary = [0, 1, 4, 5, 6, 7]
+    row_max = np.max(x[ordinary], axis=-1)
+    np.testing.assert_array_equal(x[ordinary, found[ordinary]], row_max)
+    assert np.all((found >= 0) & (found < WIDE))
+    assert fused._block_size(WIDE) == 16 and fused._block_size(17) is None
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax", "log_softmax_temperature"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_softmax_family_edge_rows_match_op_by_op(tf_run, name, dtype, monkeypatch):
+    """Ties across blocks, absent entries, NaN/+inf, empty, confident and
+    saturating rows: values, gradients and second derivatives of the
+    compiled path (blocked argmax, anchored log-sum-exp) against op by op."""
+    op = OPS[name]
+    x = _wide_rows(dtype)
+    v = np.random.default_rng(4).normal(size=x.shape).astype(dtype)
+
+    def value_gradient_second(x, v):
+        with tf.GradientTape() as outer:
+            outer.watch(x)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                out = op(x)
+            grad = inner.gradient(out, x, output_gradients=v)
+            projected = tf.reduce_sum(tf.where(tf.math.is_finite(grad), grad, 0) * v)
+        return out, grad, outer.gradient(projected, x)
+
+    monkeypatch.setattr(fused, "MIN_ELEMENTS", 1 << 62)
+    expected = tf_run(value_gradient_second, x, v)
+    monkeypatch.setattr(fused, "MIN_ELEMENTS", 1)
+    actual = tf_run(value_gradient_second, x, v)
+    z = 40.0 / 0.5 if "temperature" not in name else 40.0 / 3.0
+    for what, a, e in zip(("value", "gradient", "second derivative"), actual, expected):
+        a, e = a.astype(np.float64), e.astype(np.float64)
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(e), err_msg=f"{name} {what} NaN")
+        finite = np.isfinite(e)
+        np.testing.assert_array_equal(np.where(finite, 0, e), np.where(finite, 0, a), err_msg=f"{name} {what}")
+        # twice each row's bound; the saturating row's is capped where it
+        # would overflow
+        with np.errstate(over="ignore"):
+            scale = np.minimum(2 * np.max(np.abs(np.where(finite, e, 0.0)), axis=-1, keepdims=True),
+                               np.finfo(np.float64).max) * np.ones_like(e)
+        assert_close(np.where(finite, a, 0.0), np.where(finite, e, 0.0), dtype=dtype, terms=WIDE,
+                     spread=z, scale=scale, err_msg=f"{name} {what}")

@@ -51,6 +51,15 @@ def shifted_by(xp, x, m):
     return _saturated(xp, x - m, x != NEG_INF)
 
 
+def exp_argument(xp, x, m, temperature=1.0):
+    """(x - m) / T as :func:`shifted_logits` forms it (no mask), before
+    absent entries are set to -inf and overflowing ones saturated. Its exp
+    is exp(z) entry by entry (such entries give 0 either way), so a row's sum
+    of exponentials can be formed from x, without z kept in memory for
+    another use."""
+    return x - m if temperature == 1.0 else _divided(x, m, temperature)
+
+
 def _saturated(xp, z, present):
     # A present entry whose shifted logit overflows (x = -max next to
     # x = max) saturates at the most negative float instead of becoming
@@ -101,6 +110,15 @@ def logsumexp_anchored(xp, z, k):
     return xp.log1p(xp.rowsum(xp.add_at(xp.exp(z), k, -1.0)))
 
 
+def log_softmax_anchored(xp, x, z, m, top, temperature=1.0):
+    """:func:`log_softmax_body` for ``z, m = shifted_logits(xp, x, T)`` (no
+    mask), given each row's argmax ``top``: the log-sum-exp is anchored
+    there, where z = 0, so it is the same sum, ties included, in one pass
+    (:func:`logsumexp_anchored`)."""
+    lse = logsumexp_anchored(xp, exp_argument(xp, x, m, temperature), top)
+    return z - _finite_or_zero(xp, lse)
+
+
 def softmax_body(xp, z):
     """softmax of shifted logits; a row with no present entry gives 0."""
     e = xp.exp(z)
@@ -141,12 +159,13 @@ def log_softmax_vjp(xp, logp, dlogp, top=None):
     """
     top = xp.argmax_index(logp) if top is None else top
     present = logp != NEG_INF
-    dlogp = xp.where(present, dlogp, xp.zeros_like(dlogp))
-    at_top = xp.index_mask(top, logp)
-    others = xp.rowsum(xp.where(at_top, xp.zeros_like(dlogp), dlogp))
-    total = others + xp.take(dlogp, top)
+    # The argmax's entry is taken out of the sum, and its result put in, one
+    # entry per row rather than through a one-hot row.
+    others = xp.rowsum(xp.put_at(xp.where(present, dlogp, xp.zeros_like(dlogp)), top, 0.0))
+    logp_top = xp.take(logp, top)
+    total = others + xp.where(logp_top == NEG_INF, xp.zeros_like(logp_top), xp.take(dlogp, top))
     g = xp.where(present, dlogp - xp.exp(logp) * total, xp.zeros_like(dlogp))
-    return xp.where(at_top, -others - total * xp.expm1(xp.take(logp, top)), g)
+    return xp.put_at(g, top, -others - total * xp.expm1(logp_top))
 
 
 def log_softmax_jvp(xp, logp, dx):
@@ -369,12 +388,11 @@ def label_xent_body(xp, x, z, m, tg):
     the row max, the one case where the loss is tiny. Otherwise p_label <= 1/2
     and the loss, at least S log 2, does not need it.
 
-    The row's sum exponentiates x - m rather than z: an entry that z marks
-    absent (-inf) or saturates has e^{x - m} = 0 as well, so the sum is the
-    same, and a compiler can form it from x instead of keeping z in memory
-    for the gradient. The label's own z is formed from its logit alone.
+    The row's sum exponentiates :func:`exp_argument` rather than z, so that
+    a compiler can form it from x instead of keeping z in memory for the
+    gradient. The label's own z is formed from its logit alone.
     """
-    lse = logsumexp_anchored(xp, x - m, tg.index)
+    lse = logsumexp_anchored(xp, exp_argument(xp, x, m), tg.index)
     at_label = shifted_by(xp, xp.take(x, tg.index), m)
     loss = tg.total * _finite_or_zero(xp, lse) - tg.label_dot(at_label, z)
     return loss[..., 0], lse

@@ -127,9 +127,15 @@ class NumpyBackend(KernelRouting, Backend):
         return np.take_along_axis(v, index, axis=-1)
 
     def add_at(self, a, index, value):
+        """a with value added at a per-row index (..., 1); a copy."""
+        if a.shape[-1] == 0:
+            return a
         return self.put_at(a, index, np.take_along_axis(a, index, axis=-1) + value)
 
     def put_at(self, a, index, value):
+        """a with value put at a per-row index (..., 1); a copy."""
+        if a.shape[-1] == 0:
+            return a
         out = np.array(a, copy=True)
         np.put_along_axis(out, index, np.broadcast_to(value, index.shape), axis=-1)
         return out

@@ -175,7 +175,10 @@ class TensorFlowBackend(Backend):
 
     def _at(self, scatter, a, index, value):
         """Scatter one value per row at a per-row index (..., 1); unlike a
-        one-hot row, this costs nothing per entry."""
+        one-hot row, this costs nothing per entry. With no class there is
+        no entry to set."""
+        if a.shape[-1] == 0:
+            return a
         rows = tf.reshape(index, [-1])
         coords = tf.stack([tf.range(tf.size(rows), dtype=rows.dtype), rows], -1)
         values = tf.reshape(tf.broadcast_to(tf.cast(value, a.dtype), tf.shape(index)), [-1])

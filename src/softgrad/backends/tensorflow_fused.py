@@ -12,6 +12,7 @@ Each compiled function depends on Python options (temperature, reduction,
 """
 
 import functools
+import math
 
 import tensorflow as tf
 
@@ -36,16 +37,46 @@ def softmax_family(xp, x, temperature, log):
     return xp.closed_form(forward, backward)(x)
 
 
+def _argmax_index(x):
+    """An argmax of each row, shape (..., 1).
+
+    XLA's argmax is a reduction that it does not vectorise, many times
+    slower than a max. So the row is laid out as a (block, C / block)
+    matrix: a vectorised max down its columns, an argmax over the column
+    maxima, then one within the column that holds the row's max, both
+    short. With ties any of the maxima may come out, which serves every
+    use here (each is exact for any index at the max). A NaN row may point
+    anywhere in it, which only its own NaN result sees.
+    """
+    c = x.shape[-1]
+    block = _block_size(c)
+    if block is None:
+        return tf.expand_dims(tf.argmax(x, axis=-1, output_type=tf.int32), -1)
+    cols = c // block
+    matrix = tf.reshape(x, tf.concat([tf.shape(x)[:-1], [block, cols]], 0))
+    col = tf.argmax(tf.reduce_max(matrix, axis=-2), axis=-1, output_type=tf.int32)
+    column = tf.gather(matrix, col, axis=-1, batch_dims=x.shape.rank - 1)
+    row = tf.argmax(column, axis=-1, output_type=tf.int32)
+    return tf.expand_dims(row * cols + col, -1)
+
+
+def _block_size(c):
+    """The largest divisor of c from 16 to sqrt(c), or None (then a plain argmax)."""
+    return max((d for d in range(16, math.isqrt(c) + 1) if c % d == 0), default=None)
+
+
 @functools.lru_cache(maxsize=None)
 def _softmax_functions(xp, temperature, log):
-    body = _maths.log_softmax_body if log else _maths.softmax_body
     vjp = _maths.log_softmax_vjp if log else _maths.softmax_vjp
 
     @_compiled
     def forward(x):
-        z, _ = _maths.shifted_logits(xp, x, temperature)
-        # The argmax of x, not of z: XLA can find it in the same pass as the max.
-        return body(xp, z), xp.argmax_index(x)
+        z, m = _maths.shifted_logits(xp, x, temperature)
+        # The argmax of x, not of z, which is z's argmax as well.
+        top = _argmax_index(x)
+        if log:
+            return _maths.log_softmax_anchored(xp, x, z, m, top, temperature), top
+        return _maths.softmax_body(xp, z), top
 
     @_compiled
     def backward(out, top, d):
