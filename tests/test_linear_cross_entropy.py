@@ -11,7 +11,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import oracle
@@ -54,8 +54,9 @@ def naive(h, w, t, *, bias=None, softcap=None, chunk_size=None, **options):
     return loss, g @ w.T, h.T @ g, None if b is None else g.sum(axis=0), terms
 
 
-def check_all(actual, h, w, t, dtype, **kwargs):
-    """actual = (loss, dh, dw, db) against the oracle, to the derived bound."""
+def check_all(actual, h, w, t, dtype, only=4, **kwargs):
+    """actual = (loss, dh, dw, db) against the oracle, to the derived bound;
+    the first ``only`` of them."""
     h64, w64 = np.asarray(h, np.float64), np.asarray(w, np.float64)
     b64 = None if kwargs.get("bias") is None else np.asarray(kwargs["bias"], np.float64)
     loss, dh, dw, db, g = naive(h64, w64, t, **kwargs)
@@ -65,12 +66,15 @@ def check_all(actual, h, w, t, dtype, **kwargs):
     # The logits carry the matrix product's error, d u sum|h||w|, into every
     # exponent, like the shift's rounding does (tolerances.py, "spread").
     products = np.abs(h64) @ np.abs(w64)
-    spread = float(np.max(np.abs(x - x.max(axis=-1, keepdims=True)), initial=0.0))
+    # Absent (-inf) logits have p = 0 and add no rounding: only finite ones count.
+    xf = np.where(np.isfinite(x), x, np.nan)
+    with np.errstate(invalid="ignore"):
+        spread = float(np.nanmax(np.abs(xf - np.nanmax(xf, axis=-1, keepdims=True, initial=-np.inf)), initial=0.0))
     spread += d * float(np.max(products, initial=0.0))
-    loss_scale = 1.0 + np.abs(loss) + kwargs.get("z_loss", 0.0) * np.max(np.abs(x), initial=0.0) ** 2
+    loss_scale = 1.0 + np.abs(loss) + kwargs.get("z_loss", 0.0) * np.nanmax(np.abs(xf), initial=0.0) ** 2
     names = ("loss", "dhidden", "dweight", "dbias")
     scales = (loss_scale, np.abs(g) @ np.abs(w64).T, np.abs(h64).T @ np.abs(g), np.abs(g).sum(axis=0))
-    for name, a, e, scale in zip(names, actual, (loss, dh, dw, db), scales):
+    for name, a, e, scale in list(zip(names, actual, (loss, dh, dw, db), scales))[:only]:
         if e is None:
             assert a is None, name
             continue
@@ -111,6 +115,88 @@ def test_numpy_equals_the_naive_computation(problem):
     np.testing.assert_array_equal(loss, result[0])
     check_all(result, h, w, t, dtype, **options)
 
+
+
+# -- the NumPy driver's two paths: compiled chunk kernels and plain NumPy ----
+
+
+@pytest.fixture(params=["kernels", "pure"])
+def numpy_path(request, monkeypatch):
+    """Runs a test once on the compiled chunk kernels and once on ``_linear_maths``."""
+    import importlib
+
+    from softgrad import kernels
+
+    # softgrad.linear_cross_entropy is the function; the module holds the driver.
+    module = importlib.import_module("softgrad.linear_cross_entropy")
+    if request.param == "kernels":
+        if not kernels.enabled():
+            pytest.skip(kernels.status()["reason"])
+    else:
+        monkeypatch.setattr(module, "_fused", lambda call: False)
+    return request.param
+
+
+@st.composite
+def wide_problems(draw):
+    """Rows longer than the kernels' summation blocks (256), chunks that split them unevenly."""
+    h, w, t, dtype, options = draw(problems())
+    v = draw(st.integers(257, 700))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    n, d = h.shape
+    w = cast(rng.normal(size=(d, v)) * draw(st.sampled_from([1.0, 4.0])), dtype)
+    t = np.where(t == options.get("ignore_index", -1), t, rng.integers(0, v, size=n))
+    if "bias" in options:
+        options["bias"] = cast(rng.normal(size=v), dtype)
+    options["chunk_size"] = draw(st.sampled_from([1, 100, 300, v, v + 5]))
+    return h, w, t, dtype, options
+
+
+# The fixture only picks the path, which holds for every generated input.
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(problem=wide_problems())
+def test_both_numpy_paths_equal_the_naive_computation(numpy_path, problem):
+    h, w, t, dtype, options = problem
+    result = sg.linear_cross_entropy_with_grad(h, w, t, **options)
+    assert all(a is None or a.dtype == np.dtype(dtype) for a in result)
+    np.testing.assert_array_equal(sg.linear_cross_entropy(h, w, t, **options), result[0])
+    check_all(result, h, w, t, dtype, **options)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("options", [{}, {"softcap": 2.0, "label_smoothing": 0.1, "z_loss": 0.01}])
+def test_both_numpy_paths_keep_absent_and_poisoned_rows(numpy_path, dtype, options):
+    """A bias of -inf makes class 1 absent (p = 0, gradient 0; soft-capped it
+    is -s instead); a NaN poisons its own row only; a label on the absent
+    class costs +inf with a finite gradient. Chunks of 4 of the 9 classes.
+
+    That last row's gradient is not compared with the oracle, whose gradient
+    of an infinite loss is 0 in every entry: the chunked path gives p at the
+    other classes, on both paths alike."""
+    rng = np.random.default_rng(13)
+    n, d, v = 5, 3, 9
+    h = cast(rng.normal(size=(n, d)), dtype)
+    w = cast(rng.normal(size=(d, v)), dtype)
+    b = cast(rng.normal(size=v), dtype)
+    b[1] = -np.inf
+    h[2, 0] = np.nan
+    t = np.array([2, 3, 4, 5, 1])
+    options = {**options, "bias": b, "chunk_size": 4, "reduction": "none"}
+    loss, dh, dw, db = sg.linear_cross_entropy_with_grad(h, w, t, **options)
+    assert np.isnan(loss[2]) and np.isnan(dh[2]).all()
+    assert np.isnan(dw).all() and np.isnan(db).all()  # every class sees the NaN row
+    kept = [0, 1, 3]
+    check_all((loss[kept], dh[kept], None, None), h[kept], w, t[kept], dtype, **options, only=2)
+    assert (loss[4] == np.inf) == ("softcap" not in options) and np.isfinite(dh[4]).all()
+
+
+def test_default_chunk_size_with_the_kernels():
+    """One N x B block is held with the kernels, so the budget buys wider chunks."""
+    from softgrad.linear_cross_entropy import default_chunk_size
+
+    assert default_chunk_size(4096, 32768, 4, "numba") == 2048
+    assert default_chunk_size(1024, 16384, 4, "numba") == 8192
+    assert default_chunk_size(4096, 1000, 8, "numba") == 1000
 
 def test_chunk_sizes_agree_with_each_other():
     """1, a non-divisor of V, a divisor, V and more than V give the same numbers."""

@@ -21,11 +21,23 @@ from .backends import backend_for
 # working set: B = budget / (live * N * itemsize), where `live` counts the
 # N x B arrays a pass holds at once.
 #
-# * NumPy evaluates the chunk maths one operation at a time, so about five
-#   are alive in the gradient pass (logits, shifted logits, probabilities,
-#   gradient block, its scaled copy). Its budget is 16 MiB: at N = 4096,
-#   float32, B = 128; smaller chunks would cost time in per-operation
-#   overhead.
+# * NumPy without the compiled kernels evaluates the chunk maths one
+#   operation at a time, so about five are alive in the gradient pass
+#   (logits, shifted logits, probabilities, gradient block, its scaled
+#   copy). Its budget is 16 MiB: at N = 4096, float32, B = 128; smaller
+#   chunks would cost time in per-operation overhead.
+# * NumPy with the kernels (softgrad.kernels, "numba" below) holds one: the
+#   matrix product writes the logits into a block reused by every chunk, and
+#   the kernels overwrite it in place with the gradient. Next to it the
+#   gradient pass holds dW, dh and the N x D product G_k W_k^T. Each chunk
+#   costs four BLAS calls and two kernel calls whatever its width, and on a
+#   busy machine each BLAS call can wait a scheduler tick (4-8 ms) for its
+#   second thread: at N = 1024, D = 128, V = 16384 (4 ms of products per
+#   1024 columns) chunks of 1024 columns took 1.5x the time of the naive
+#   computation there, two chunks of 8192 as long. Its budget is therefore
+#   32 MiB: B = 2048 at N = 4096 and 8192 at N = 1024, float32, a block of
+#   32 MiB next to the 512 MiB of one copy of the logits at N = 4096,
+#   V = 32768 (and 3 such arrays held by the naive computation).
 # * XLA fuses the elementwise maths. Its buffer assignment (dumped with
 #   XLA_FLAGS=--xla_dump_to) holds two N x B arrays in the log-sum-exp pass
 #   (the logits and their exponentials) and one in the gradient pass, whose
@@ -39,12 +51,11 @@ from .backends import backend_for
 #   measurable time (the fused loop runs at the speed of its matrix
 #   products down to B = 256), and saves 4 MiB of peak.
 #
-# Either way the chunk arrays are independent of V, next to the 512 MiB that
-# one copy of the logits takes at N = 4096, V = 32768. B is rounded down to
+# Either way the chunk arrays are independent of V. B is rounded down to
 # a multiple of 128 columns (at least 128) so that each chunk's matrix
 # product stays efficient.
-_CHUNK_BUDGET_BYTES = {"numpy": 16 * 2**20, "tensorflow": 8 * 2**20}
-_LIVE_CHUNK_ARRAYS = {"numpy": 5, "tensorflow": 2}
+_CHUNK_BUDGET_BYTES = {"numpy": 16 * 2**20, "numba": 32 * 2**20, "tensorflow": 8 * 2**20}
+_LIVE_CHUNK_ARRAYS = {"numpy": 5, "numba": 1, "tensorflow": 2}
 _CHUNK_ALIGN = 128
 # A graph with an unknown batch size is budgeted as if it had this many rows.
 _ROWS_IF_UNKNOWN = 4096
@@ -81,7 +92,8 @@ def linear_cross_entropy(
         chunk_size: columns per chunk; any width >= 1 works (widths above V
             mean one chunk). By default it comes from a memory budget for
             the chunk's working set (256 columns for 4096 float32 rows in
-            TensorFlow, 128 in NumPy).
+            TensorFlow, 2048 in NumPy with the compiled kernels, 128
+            without).
         softcap: optional s > 0; the logits become ``s * tanh(x / s)``.
         ignore_index, label_smoothing, reduction, z_loss: as in
             :func:`softgrad.cross_entropy` (integer labels, no class weights).
@@ -268,6 +280,10 @@ def _softcap(value):
 
 def _chunk_size(value, n_rows, n_classes, hidden, backend):
     if value is None:
+        if backend == "numpy":
+            from . import kernels
+
+            backend = "numba" if kernels.enabled() else "numpy"
         itemsize = 8 if hidden.dtype.name == "float64" else 4
         return default_chunk_size(n_rows, n_classes, itemsize, backend)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -353,13 +369,23 @@ def _numpy_forward(call):
     r = np.full(n, -1.0, dtype=h.dtype)
     x_t = np.zeros(n, dtype=h.dtype)
     sum_x = np.zeros(n, dtype=h.dtype)
-    for start, stop in _numpy_chunks(call):
-        x, _ = _numpy_logits(call, start, stop)
-        m, r = lm.merge(_NP, m, r, *lm.chunk_rest(_NP, x))
-        local = t - start
-        x_t += _NP.take_at(x, local, (local >= 0) & (local < stop - start))
-        if call.label_smoothing:
-            sum_x += x.sum(axis=-1)
+    if _fused(call):
+        from . import kernels
+
+        block = _Block(call)
+        labels = t.astype(np.int64, copy=False)
+        for start, stop in _numpy_chunks(call):
+            u = block.logits(start, stop)
+            kernels.linear_chunk_stats(u, block.bias(start, stop), call.softcap, labels, start, m, r, x_t,
+                                       sum_x if call.label_smoothing else None)
+    else:
+        for start, stop in _numpy_chunks(call):
+            x, _ = _numpy_logits(call, start, stop)
+            m, r = lm.merge(_NP, m, r, *lm.chunk_rest(_NP, x))
+            local = t - start
+            x_t += _NP.take_at(x, local, (local >= 0) & (local < stop - start))
+            if call.label_smoothing:
+                sum_x += x.sum(axis=-1)
     loss, log_z = lm.row_loss(_NP, m, r, x_t, sum_x, call.n_classes, call.label_smoothing, call.z_loss)
     loss = np.where(call.valid > 0, loss, 0.0)
     if call.reduction != "none":
@@ -368,6 +394,8 @@ def _numpy_forward(call):
 
 
 def _numpy_grads(call, rows, coef):
+    if _fused(call):
+        return _fused_grads(call, rows, coef)
     h, t, w = call.hidden, call.labels, call.weight
     dh = np.zeros(h.shape, dtype=h.dtype)
     dw = np.empty(w.shape, dtype=w.dtype)
@@ -382,6 +410,67 @@ def _numpy_grads(call, rows, coef):
         w_k = w[:, start:stop].astype(h.dtype, copy=False)
         dh += g @ w_k.T
         dw[:, start:stop] = h.T @ g
+        if db is not None:
+            db[start:stop] = g.sum(axis=0)
+    return dh, dw, db
+
+
+# -- the fused chunk kernels (softgrad.kernels), when numba is there ----------
+
+
+def _fused(call):
+    from . import kernels
+
+    return kernels.enabled()
+
+
+class _Block:
+    """One N x B buffer that every chunk's logits, then gradient, are written into.
+
+    The matrix products write into it directly (``out=``) and the kernels
+    work on it in place, so a pass allocates nothing per chunk; the last,
+    narrower chunk uses a contiguous prefix of it.
+    """
+
+    def __init__(self, call):
+        self.call = call
+        self.buffer = np.empty(call.hidden.shape[0] * call.chunk_size, dtype=call.hidden.dtype)
+
+    def weight(self, start, stop):
+        # A view of the columns unless the weight is half precision.
+        return self.call.weight[:, start:stop].astype(self.call.hidden.dtype, copy=False)
+
+    def bias(self, start, stop):
+        b = self.call.bias
+        return None if b is None else b[start:stop].astype(self.call.hidden.dtype, copy=False)
+
+    def logits(self, start, stop):
+        h = self.call.hidden
+        u = self.buffer[: h.shape[0] * (stop - start)].reshape(h.shape[0], stop - start)
+        return np.matmul(h, self.weight(start, stop), out=u)
+
+
+def _fused_grads(call, rows, coef):
+    from . import kernels
+
+    h, w = call.hidden, call.weight
+    labels = call.labels.astype(np.int64, copy=False)
+    dh = np.zeros(h.shape, dtype=h.dtype)
+    product = np.empty(h.shape, dtype=h.dtype)
+    dw = np.empty(w.shape, dtype=w.dtype)
+    db = None if call.bias is None else np.empty(call.bias.shape, dtype=call.bias.dtype)
+    block = _Block(call)
+    for start, stop in _numpy_chunks(call):
+        g = block.logits(start, stop)
+        kernels.linear_chunk_grad(g, block.bias(start, stop), call.softcap, labels, start, rows.m,
+                                  rows.log_z, coef, call.n_classes, call.label_smoothing, call.z_loss)
+        w_k = block.weight(start, stop)
+        np.matmul(g, w_k.T, out=product)
+        dh += product
+        if dw.dtype == h.dtype:
+            np.matmul(h.T, g, out=dw[:, start:stop])
+        else:
+            dw[:, start:stop] = h.T @ g
         if db is not None:
             db[start:stop] = g.sum(axis=0)
     return dh, dw, db

@@ -215,3 +215,53 @@ def _run_cross_entropy(x, labels, weight, ignore_index, eps, z_loss, reduction, 
     if scale == 0:
         return dtype(0), grad
     return dtype(per_example.sum()) * scale, grad
+
+
+# -- the per-chunk kernels of the NumPy linear cross-entropy -----------------
+
+
+def _linear_kernels():
+    if "linear" not in _compiled:
+        _module("softmax")  # raises when the kernels are not in use
+        from . import _linear
+
+        _compiled["linear"] = _linear
+    return _compiled["linear"]
+
+
+def _bias_args(u, bias):
+    if bias is None:
+        return np.empty(0, u.dtype), False
+    return bias, True
+
+
+def linear_chunk_stats(u, bias, softcap, labels, start, m, r, x_t, sum_x):
+    """Pass 1 of ``softgrad.linear_cross_entropy`` on one chunk, in place.
+
+    ``u`` (rows, B) C-contiguous holds ``hidden @ W[:, start:start+B]`` and is
+    overwritten by the chunk's logits (bias added, soft-capped); the rows'
+    running ``m``, ``r`` (``_linear_maths.merge``), the label's logit ``x_t``
+    and, unless ``sum_x`` is None, the row sums are updated. ``bias``: the
+    chunk's (B,) bias or None; ``softcap``: a float or None; ``labels``:
+    int64 (rows,).
+    """
+    b, has_bias = _bias_args(u, bias)
+    want_sum = sum_x is not None
+    sums = sum_x if want_sum else m
+    if u.size:
+        _linear_kernels().stats(u, b, has_bias, float(softcap or 0.0), labels, start,
+                                 m, r, x_t, sums, want_sum, _lowest(u))
+
+
+def linear_chunk_grad(u, bias, softcap, labels, start, m, log_z, coef, n_classes, label_smoothing, z_loss):
+    """Pass 2 on one chunk: overwrite ``u = hidden @ W_k`` by d loss / d u, in place.
+
+    ``_linear_maths.chunk_grad`` followed by ``uncapped_grad``, with the rows'
+    final ``m`` and ``log_z = log1p(r)`` and ``coef`` (scale times upstream
+    gradient per row, 0 for ignored rows).
+    """
+    b, has_bias = _bias_args(u, bias)
+    eps = float(label_smoothing)
+    if u.size:
+        _linear_kernels().grad(u, b, has_bias, float(softcap or 0.0), labels, start,
+                                m, log_z, coef, eps / n_classes, eps * (1.0 - 1.0 / n_classes), float(z_loss))
