@@ -357,9 +357,11 @@ def _numpy_logits(call, start, stop):
 class _Rows:
     """The per-example statistics pass 1 leaves for the loss and pass 2."""
 
-    def __init__(self, m, log_z):
+    def __init__(self, m, log_z, block=None):
         self.m = m
         self.log_z = log_z
+        # With the kernels: the block, still holding the last chunk's logits.
+        self.block = block
 
 
 def _numpy_forward(call):
@@ -378,7 +380,9 @@ def _numpy_forward(call):
             u = block.logits(start, stop)
             kernels.linear_chunk_stats(u, block.bias(start, stop), call.softcap, labels, start, m, r, x_t,
                                        sum_x if call.label_smoothing else None)
+        block.keep(start, stop)
     else:
+        block = None
         for start, stop in _numpy_chunks(call):
             x, _ = _numpy_logits(call, start, stop)
             m, r = lm.merge(_NP, m, r, *lm.chunk_rest(_NP, x))
@@ -390,7 +394,7 @@ def _numpy_forward(call):
     loss = np.where(call.valid > 0, loss, 0.0)
     if call.reduction != "none":
         loss = loss.sum() * call.scale
-    return loss, _Rows(m, log_z)
+    return loss, _Rows(m, log_z, block)
 
 
 def _numpy_grads(call, rows, coef):
@@ -435,6 +439,7 @@ class _Block:
     def __init__(self, call):
         self.call = call
         self.buffer = np.empty(call.hidden.shape[0] * call.chunk_size, dtype=call.hidden.dtype)
+        self.kept = None
 
     def weight(self, start, stop):
         # A view of the columns unless the weight is half precision.
@@ -447,7 +452,25 @@ class _Block:
     def logits(self, start, stop):
         h = self.call.hidden
         u = self.buffer[: h.shape[0] * (stop - start)].reshape(h.shape[0], stop - start)
+        self.kept = None
         return np.matmul(h, self.weight(start, stop), out=u)
+
+    def keep(self, start, stop):
+        """Pass 1 ends: the block holds the logits of columns [start, stop).
+
+        Without a soft-cap they are u + b exactly as the gradient kernel
+        would form them from u, so pass 2 starts with this chunk and skips
+        its matrix product: one of the 4 per chunk, an eighth of the
+        products at two chunks, all of the recomputation at one.
+        (The capped logits lose u / s, which the soft-cap's derivative needs.)
+        """
+        self.kept = (start, stop) if self.call.softcap is None else None
+
+    def kept_logits(self, start, stop):
+        """The kept chunk's logits if [start, stop) is it, else None."""
+        if self.kept != (start, stop):
+            return None
+        return self.buffer[: self.call.hidden.shape[0] * (stop - start)].reshape(-1, stop - start)
 
 
 def _fused_grads(call, rows, coef):
@@ -459,10 +482,15 @@ def _fused_grads(call, rows, coef):
     product = np.empty(h.shape, dtype=h.dtype)
     dw = np.empty(w.shape, dtype=w.dtype)
     db = None if call.bias is None else np.empty(call.bias.shape, dtype=call.bias.dtype)
-    block = _Block(call)
-    for start, stop in _numpy_chunks(call):
-        g = block.logits(start, stop)
-        kernels.linear_chunk_grad(g, block.bias(start, stop), call.softcap, labels, start, rows.m,
+    block = rows.block
+    # Last chunk first: pass 1 left its logits in the block.
+    for start, stop in reversed(list(_numpy_chunks(call))):
+        g = block.kept_logits(start, stop)
+        bias = None
+        if g is None:
+            g = block.logits(start, stop)
+            bias = block.bias(start, stop)
+        kernels.linear_chunk_grad(g, bias, call.softcap, labels, start, rows.m,
                                   rows.log_z, coef, call.n_classes, call.label_smoothing, call.z_loss)
         w_k = block.weight(start, stop)
         np.matmul(g, w_k.T, out=product)
