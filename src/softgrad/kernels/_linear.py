@@ -22,8 +22,8 @@ They run on the calling thread, unlike the other kernels: the driver
 alternates them with multi-threaded BLAS products at every chunk, and
 waking a second pool of threads between those made both pools wait for
 each other on a 2-core machine (each product of a chunk then took a
-scheduler tick, 4-8 ms, instead of under 1 ms). One thread runs a pass at
-about 1-2 ns per entry, a fifth of the time of the chunk's products. ``softcap`` is 0 for none; without a bias
+scheduler tick, 4-8 ms, instead of under 1 ms). One thread runs pass 1
+at about 1 ns per float32 entry and pass 2 at about 0.65 ns. ``softcap`` is 0 for none; without a bias
 ``has_bias`` is False and ``bias`` any array of the logits' dtype.
 """
 
