@@ -196,7 +196,10 @@ def test_blocked_argmax_finds_a_max():
     row_max = np.max(x[ordinary], axis=-1)
     np.testing.assert_array_equal(x[ordinary, found[ordinary]], row_max)
     assert np.all((found >= 0) & (found < WIDE))
-    assert fused._block_size(WIDE) == 16 and fused._block_size(17) is None
+    assert fused._block_size(WIDE) == 16 and fused._block_size(17) is None and fused._block_size(None) is None
+    relaxed = tf.function(fused._argmax_index, input_signature=[tf.TensorSpec([None, None], tf.float64)])
+    plain = relaxed(tf.constant(x[ordinary])).numpy()[..., 0]
+    np.testing.assert_array_equal(x[ordinary, plain], row_max)
 
 
 @pytest.mark.parametrize("name", ["softmax", "log_softmax", "log_softmax_temperature"])

@@ -61,7 +61,10 @@ def _argmax_index(x):
 
 
 def _block_size(c):
-    """The largest divisor of c from 16 to sqrt(c), or None (then a plain argmax)."""
+    """The largest divisor of c from 16 to sqrt(c), or None (then a plain
+    argmax); None as well for a class axis that a relaxed trace leaves unknown."""
+    if c is None:
+        return None
     return max((d for d in range(16, math.isqrt(c) + 1) if c % d == 0), default=None)
 
 
