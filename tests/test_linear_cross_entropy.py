@@ -197,6 +197,7 @@ def test_default_chunk_size_with_the_kernels():
     assert default_chunk_size(4096, 32768, 4, "numba") == 2048
     assert default_chunk_size(1024, 16384, 4, "numba") == 8192
     assert default_chunk_size(4096, 1000, 8, "numba") == 1000
+    assert default_chunk_size(4096, 32768, 4, "numba-softcap") == 1024
 
 def test_chunk_sizes_agree_with_each_other():
     """1, a non-divisor of V, a divisor, V and more than V give the same numbers."""

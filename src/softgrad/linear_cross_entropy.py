@@ -38,7 +38,9 @@ from .backends import backend_for
 #   time there in one interleaved run. Its budget is therefore
 #   32 MiB: B = 2048 at N = 4096 and 8192 at N = 1024, float32, a block of
 #   32 MiB next to the 512 MiB of one copy of the logits at N = 4096,
-#   V = 32768 (and 3 such arrays held by the naive computation).
+#   V = 32768 (and 3 such arrays held by the naive computation). With a
+#   soft-cap the gradient pass holds two blocks (u / s, whose sech^2 the
+#   chain rule needs, and the capped logits), so B is halved.
 # * XLA fuses the elementwise maths. Its buffer assignment (dumped with
 #   XLA_FLAGS=--xla_dump_to) holds two N x B arrays in the log-sum-exp pass
 #   (the logits and their exponentials) and one in the gradient pass, whose
@@ -55,8 +57,9 @@ from .backends import backend_for
 # Either way the chunk arrays are independent of V. B is rounded down to
 # a multiple of 128 columns (at least 128) so that each chunk's matrix
 # product stays efficient.
-_CHUNK_BUDGET_BYTES = {"numpy": 16 * 2**20, "numba": 32 * 2**20, "tensorflow": 8 * 2**20}
-_LIVE_CHUNK_ARRAYS = {"numpy": 5, "numba": 1, "tensorflow": 2}
+_CHUNK_BUDGET_BYTES = {"numpy": 16 * 2**20, "numba": 32 * 2**20, "numba-softcap": 32 * 2**20,
+                       "tensorflow": 8 * 2**20}
+_LIVE_CHUNK_ARRAYS = {"numpy": 5, "numba": 1, "numba-softcap": 2, "tensorflow": 2}
 _CHUNK_ALIGN = 128
 # A graph with an unknown batch size is budgeted as if it had this many rows.
 _ROWS_IF_UNKNOWN = 4096
@@ -187,7 +190,8 @@ class _Call:
         t = self._labels(labels)
         self.hidden = xp.reshape(h, (-1, n_features))
         self.labels = xp.reshape(t, (-1,))
-        self.chunk_size = _chunk_size(chunk_size, self._rows(), self.n_classes, self.hidden, xp.name)
+        self.chunk_size = _chunk_size(chunk_size, self._rows(), self.n_classes, self.hidden, xp.name,
+                                      self.softcap)
         if xp.name == "numpy":
             self.valid = (
                 np.ones(self.labels.shape, dtype=bool)
@@ -279,12 +283,13 @@ def _softcap(value):
     return float(value)
 
 
-def _chunk_size(value, n_rows, n_classes, hidden, backend):
+def _chunk_size(value, n_rows, n_classes, hidden, backend, softcap):
     if value is None:
         if backend == "numpy":
             from . import kernels
 
-            backend = "numba" if kernels.enabled() else "numpy"
+            if kernels.enabled():
+                backend = "numba" if softcap is None else "numba-softcap"
         itemsize = 8 if hidden.dtype.name == "float64" else 4
         return default_chunk_size(n_rows, n_classes, itemsize, backend)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -441,6 +446,7 @@ class _Block:
         self.call = call
         self.buffer = np.empty(call.hidden.shape[0] * call.chunk_size, dtype=call.hidden.dtype)
         self.kept = None
+        self.second = None
 
     def weight(self, start, stop):
         # A view of the columns unless the weight is half precision.
@@ -467,6 +473,14 @@ class _Block:
         """
         self.kept = (start, stop) if self.call.softcap is None else None
 
+    def scratch(self, g):
+        """With a soft-cap, a second block of g's shape for the capped logits (pass 2 needs u / s too)."""
+        if self.call.softcap is None:
+            return None
+        if self.second is None:
+            self.second = np.empty_like(self.buffer)
+        return self.second[: g.size].reshape(g.shape)
+
     def kept_logits(self, start, stop):
         """The kept chunk's logits if [start, stop) is it, else None."""
         if self.kept != (start, stop):
@@ -491,8 +505,8 @@ def _fused_grads(call, rows, coef):
         if g is None:
             g = block.logits(start, stop)
             bias = block.bias(start, stop)
-        kernels.linear_chunk_grad(g, bias, call.softcap, labels, start, rows.m,
-                                  rows.log_z, coef, call.n_classes, call.label_smoothing, call.z_loss)
+        kernels.linear_chunk_grad(g, bias, call.softcap, labels, start, rows.m, rows.log_z, coef,
+                                  call.n_classes, call.label_smoothing, call.z_loss, block.scratch(g))
         w_k = block.weight(start, stop)
         np.matmul(g, w_k.T, out=product)
         dh += product

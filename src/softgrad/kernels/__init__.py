@@ -235,6 +235,13 @@ def _bias_args(u, bias):
     return bias, True
 
 
+def _cap_in_place(u, bias, softcap):
+    """u <- (u + bias) / softcap, as ``_linear_maths.capped`` forms a."""
+    if bias is not None:
+        u += bias
+    return np.divide(u, softcap, out=u)
+
+
 def linear_chunk_stats(u, bias, softcap, labels, start, m, r, x_t, sum_x):
     """Pass 1 of ``softgrad.linear_cross_entropy`` on one chunk, in place.
 
@@ -245,23 +252,36 @@ def linear_chunk_stats(u, bias, softcap, labels, start, m, r, x_t, sum_x):
     chunk's (B,) bias or None; ``softcap``: a float or None; ``labels``:
     int64 (rows,).
     """
+    if softcap is not None:
+        a = _cap_in_place(u, bias, softcap)
+        np.multiply(np.tanh(a, out=a), softcap, out=u)
+        bias = None
     b, has_bias = _bias_args(u, bias)
     want_sum = sum_x is not None
+    # The kernel writes no sums when want_sum is False: m stands in for them.
     sums = sum_x if want_sum else m
     if u.size:
-        _linear_kernels().stats(u, b, has_bias, float(softcap or 0.0), labels, start,
-                                 m, r, x_t, sums, want_sum, _lowest(u))
+        _linear_kernels().stats(u, b, has_bias, labels, start, m, r, x_t, sums, want_sum, _lowest(u))
 
 
-def linear_chunk_grad(u, bias, softcap, labels, start, m, log_z, coef, n_classes, label_smoothing, z_loss):
+def linear_chunk_grad(u, bias, softcap, labels, start, m, log_z, coef, n_classes, label_smoothing, z_loss,
+                      scratch=None):
     """Pass 2 on one chunk: overwrite ``u = hidden @ W_k`` by d loss / d u, in place.
 
     ``_linear_maths.chunk_grad`` followed by ``uncapped_grad``, with the rows'
     final ``m`` and ``log_z = log1p(r)`` and ``coef`` (scale times upstream
-    gradient per row, 0 for ignored rows).
+    gradient per row, 0 for ignored rows). With a soft-cap the capped
+    logits go to ``scratch`` (an array of u's shape, allocated when None),
+    next to u / s, which the cap's derivative needs.
     """
+    capped, has_cap = u, False
+    if softcap is not None:
+        a = _cap_in_place(u, bias, softcap)
+        capped = np.tanh(a, out=np.empty_like(u) if scratch is None else scratch)
+        np.multiply(capped, softcap, out=capped)
+        bias, has_cap = None, True
     b, has_bias = _bias_args(u, bias)
     eps = float(label_smoothing)
     if u.size:
-        _linear_kernels().grad(u, b, has_bias, float(softcap or 0.0), labels, start,
-                                m, log_z, coef, eps / n_classes, eps * (1.0 - 1.0 / n_classes), float(z_loss))
+        _linear_kernels().grad(u, b, has_bias, capped, has_cap, labels, start, m, log_z, coef,
+                               eps / n_classes, eps * (1.0 - 1.0 / n_classes), float(z_loss))
