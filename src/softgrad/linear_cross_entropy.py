@@ -35,7 +35,9 @@ from .backends import backend_for
 #   second thread: at N = 1024, D = 128, V = 16384 (4 ms of products per
 #   1024 columns on an idle machine) chunks of 2048, 4096, 8192 and 16384
 #   columns took 1.84, 1.31, 0.97 and 0.86 times the naive computation's
-#   time there in one interleaved run. Its budget is therefore
+#   time there in one interleaved run on a busy machine, and 0.88, 0.85,
+#   0.87 and 0.98 on an idle one (a block beyond the caches makes the
+#   kernels' passes memory-bound). Its budget is therefore
 #   32 MiB: B = 2048 at N = 4096 and 8192 at N = 1024, float32, a block of
 #   32 MiB next to the 512 MiB of one copy of the logits at N = 4096,
 #   V = 32768 (and 3 such arrays held by the naive computation). With a
