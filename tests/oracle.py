@@ -134,11 +134,15 @@ def _reduce(per_example, valid, denominator, reduction):
     return total / denominator if denominator != 0 else 0.0
 
 
-def _scale(valid, denominator, reduction):
-    """d loss / d (per-example loss), for each example."""
+def _reduced(value, valid, denominator, reduction):
+    """Per-example ``value`` (with trailing axes) times d loss / d (per-example loss).
+
+    Divides by the denominator: a subnormal sum of weights has no finite reciprocal.
+    """
+    v = valid.reshape(valid.shape + (1,) * (np.ndim(value) - valid.ndim))
     if reduction == "mean":
-        return valid / denominator if denominator != 0 else np.zeros(valid.shape)
-    return valid.astype(np.float64)
+        return value * v / denominator if denominator != 0 else value * v * 0.0
+    return value * v
 
 
 def cross_entropy(logits, labels, axis=-1, weight=None, ignore_index=None,
@@ -159,7 +163,7 @@ def cross_entropy_grad(logits, labels, axis=-1, weight=None, ignore_index=None,
     grad = -np.einsum("...c,...cj->...j", q, log_softmax_jacobian(x))
     if z_loss:
         grad = grad + 2 * z_loss * logsumexp(x)[..., None] * softmax(x)
-    grad = grad * _scale(valid, denominator, reduction)[..., None]
+    grad = _reduced(grad, valid, denominator, reduction)
     return np.moveaxis(grad, -1, axis)
 
 
@@ -171,7 +175,7 @@ def cross_entropy_hessian(logits, labels, axis=-1, weight=None, ignore_index=Non
     p = softmax(x)
     total = q.sum(axis=-1) + 2 * z_loss * logsumexp(x)
     hess = total[..., None, None] * softmax_jacobian(x) + 2 * z_loss * p[..., :, None] * p[..., None, :]
-    return hess * _scale(valid, denominator, reduction)[..., None, None]
+    return _reduced(hess, valid, denominator, reduction)
 
 
 def cross_entropy_hvp(logits, labels, v, axis=-1, **options):
@@ -187,5 +191,5 @@ def cross_entropy_soft_label_grad(logits, labels, axis=-1, weight=None,
     x, _, valid, denominator = _targets(logits, labels, axis, weight, None, label_smoothing)
     w = np.ones(x.shape[-1]) if weight is None else np.asarray(weight, dtype=np.float64)
     grad = -(1 - label_smoothing) * w * log_softmax(x)
-    grad = grad * _scale(valid, denominator, reduction)[..., None]
+    grad = _reduced(grad, valid, denominator, reduction)
     return np.moveaxis(grad, -1, axis)

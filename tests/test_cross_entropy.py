@@ -30,12 +30,12 @@ def scales(x, labels, axis=-1, *, weight=None, ignore_index=None, label_smoothin
     lse = np.where(np.isfinite(lse), lse, 0.0)
     with np.errstate(invalid="ignore"):
         per = np.sum(np.where(q == 0, 0.0, q * (1 + np.abs(logp))), axis=-1) + 2 * z_loss * (1 + lse) ** 2
-    factor = oracle._scale(valid, denominator, reduction)
-    loss = per * factor if reduction == "none" else np.sum(per * factor)
+    per = oracle._reduced(per, valid, denominator, reduction)
+    loss = per if reduction == "none" else np.sum(per)
     entry = q.sum(-1, keepdims=True) * p + q + 2 * z_loss * (1 + lse[..., None]) * p
     at_max = np.arange(xl.shape[-1]) == np.argmax(xl, axis=-1)[..., None] if xl.shape[-1] else np.zeros(xl.shape, bool)
     entry = np.where(at_max, entry + np.sum(entry, axis=-1, keepdims=True), entry)
-    return loss, np.moveaxis(entry * factor[..., None], -1, axis)
+    return loss, np.moveaxis(oracle._reduced(entry, valid, denominator, reduction), -1, axis)
 
 
 def check(loss, grad, x, labels, dtype, axis=-1, **options):
@@ -249,3 +249,16 @@ def test_pytorch_parity(options, soft):
                  scale=2 * loss_scale)
     assert_close(grad, logits_t.grad.numpy(), dtype="float64", terms=5 + 14,
                  spread=spread(x, dtype="float64", axis=1), scale=2 * grad_scale)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_weights_summing_to_a_subnormal_number(dtype):
+    """Regression: the mean multiplied by 1 / sum(weights), which overflowed to inf.
+
+    Weights are applied in the logits' dtype, so w l and w (p - y) are
+    rounded to multiples of a subnormal w: the results are finite, with the
+    few bits of precision such a weight carries."""
+    tiny = np.finfo(dtype).smallest_subnormal
+    x = np.array([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]], dtype=dtype)
+    loss, grad = sg.cross_entropy_with_grad(x, np.array([0, 0]), weight=np.array([tiny, 1.0, 1.0], dtype=dtype))
+    assert np.isfinite(loss) and np.all(np.isfinite(grad))

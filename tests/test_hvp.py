@@ -23,9 +23,8 @@ def hvp_scale(x, labels, v, axis=-1, *, weight=None, ignore_index=None, label_sm
     p = oracle.softmax(xl)
     lse = np.abs(oracle.logsumexp(xl))[..., None]
     vmax = np.max(np.abs(np.moveaxis(v, axis, -1)), axis=-1, keepdims=True, initial=0)
-    factor = oracle._scale(valid, denominator, reduction)[..., None]
-    scale = factor * p * vmax * (4 * q.sum(-1, keepdims=True) + 10 * z_loss * (1 + lse))
-    return np.moveaxis(scale, -1, axis)
+    scale = p * vmax * (4 * q.sum(-1, keepdims=True) + 10 * z_loss * (1 + lse))
+    return np.moveaxis(oracle._reduced(scale, valid, denominator, reduction), -1, axis)
 
 
 def check(out, x, labels, v, dtype, axis=-1, **options):

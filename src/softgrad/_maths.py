@@ -346,15 +346,18 @@ def targets(xp, labels, n_classes, dtype, *, soft, weight, ignore_index, label_s
     )
 
 
-def _scale(xp, tg, reduction, dtype):
-    """The factor that turns per-example losses into the reduced loss."""
+def _reduced(xp, value, tg, reduction):
+    """``value`` (a loss, gradient or HVP) divided by the mean's denominator for "mean".
+
+    Divided rather than multiplied by 1 / denominator: class weights may sum
+    to a subnormal number whose reciprocal overflows. A mean over zero
+    targets (all ignored, or all of weight 0) is 0 with zero gradient, not 0/0.
+    """
     if reduction != "mean":
-        return 1.0
-    d = xp.cast_to(tg.denominator, dtype)
-    # A mean over zero targets (all ignored, or all of weight 0) is 0 with
-    # zero gradient, not 0/0.
+        return value
+    d = xp.cast_to(tg.denominator, value.dtype)
     safe = xp.where(d == 0, xp.ones_like(d), d)
-    return xp.where(d == 0, xp.zeros_like(d), 1.0 / safe)
+    return (value / safe) * xp.where(d == 0, xp.zeros_like(d), xp.ones_like(d))
 
 
 def _valid_rows(xp, tg, like):
@@ -450,11 +453,11 @@ def reduce_loss(xp, loss, tg, reduction):
     if reduction == "none":
         return loss
     total = xp.total(loss)
-    return total * _scale(xp, tg, reduction, total.dtype)
+    return _reduced(xp, total, tg, reduction)
 
 
 def cross_entropy_grad(xp, z, m, lse, tg, z_loss, reduction, q=None):
-    """d loss / d logits = (S p - q) + 2 z_loss lse p, times the reduction's scale.
+    """d loss / d logits = (S p - q) + 2 z_loss lse p, over the reduction's denominator.
 
     Elementwise in (z, q): ``q`` (default ``tg.q``) lets :func:`by_label`
     evaluate it without the dense q.
@@ -465,7 +468,7 @@ def cross_entropy_grad(xp, z, m, lse, tg, z_loss, reduction, q=None):
         zg = (2.0 * z_loss) * _finite_or_zero(xp, m + lse) * xp.exp(z - _finite_or_zero(xp, lse))
         valid = _valid_rows(xp, tg, zg)
         g = g + (zg if valid is None else zg * xp.expand_dims(valid, -1))
-    return g * _scale(xp, tg, reduction, g.dtype)
+    return _reduced(xp, g, tg, reduction)
 
 
 def cross_entropy_hvp(xp, x, tg, v, z_loss, reduction):
@@ -478,4 +481,4 @@ def cross_entropy_hvp(xp, x, tg, v, z_loss, reduction):
         zhv = (2.0 * z_loss) * (lse * softmax_vjp(xp, p, v) + p * xp.rowsum(p * v))
         valid = _valid_rows(xp, tg, zhv)
         hv = hv + (zhv if valid is None else zhv * xp.expand_dims(valid, -1))
-    return hv * _scale(xp, tg, reduction, hv.dtype)
+    return _reduced(xp, hv, tg, reduction)

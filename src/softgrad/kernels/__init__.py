@@ -195,12 +195,18 @@ def _run_cross_entropy(x, labels, weight, ignore_index, eps, z_loss, reduction, 
         counted = labels if ignore_index is None else labels[labels != ignore_index]
         denominator = counted.size if weight is None else np.sum(weight[counted], dtype=np.float64)
         ignore_index = np.iinfo(np.int64).min if ignore_index is None else ignore_index
+    divide_after = False
     if reduction != "mean":
         scale = dtype(1)
     else:
         # A mean over zero targets is 0 with zero gradient, not 0/0.
         denominator = dtype(denominator)
-        scale = dtype(0) if denominator == 0 else dtype(1) / denominator
+        with np.errstate(over="ignore"):
+            scale = dtype(0) if denominator == 0 else dtype(1) / denominator
+        # Class weights summing to a subnormal number: 1 / denominator
+        # overflows, so the gradient is divided after the kernel instead.
+        divide_after = bool(np.isinf(scale))
+        scale = dtype(1) if divide_after else scale
     per_example = np.zeros(n_rows, dtype=np.float64)
     grad = _buffers.empty(x.shape, x.dtype) if want_grad else None
     if x.size:
@@ -214,6 +220,10 @@ def _run_cross_entropy(x, labels, weight, ignore_index, eps, z_loss, reduction, 
         return per_example.astype(x.dtype), grad
     if scale == 0:
         return dtype(0), grad
+    if divide_after:
+        if grad is not None:
+            np.divide(grad, denominator, out=grad)
+        return dtype(per_example.sum() / np.float64(denominator)), grad
     return dtype(per_example.sum()) * scale, grad
 
 
