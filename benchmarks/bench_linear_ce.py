@@ -326,7 +326,7 @@ def write_csv(rows):
     return path
 
 
-def plot(sweep, cases):
+def plot(sweep, cases, path=None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -345,9 +345,35 @@ def plot(sweep, cases):
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = RESULTS / "linear_ce_memory.png"
+    path = path or RESULTS / "linear_ce_memory.png"
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     return path
+
+
+REPORT_CASES = ["tf_plain", "tf_softgrad", "torch_chunked", "numpy_softgrad"]
+
+
+def report(quick, out_dir):
+    """For ``softgrad bench``: the memory the harness cannot see.
+
+    Peak resident memory above the inputs of each path, one fresh
+    interpreter per measurement (as ``rss_MiB`` above), against plain TF and
+    the dW + dh floor, at the shapes of :func:`cases`; then the plot of
+    memory against V. Returns the table as text and the plot's path.
+    """
+    cases = [c for c in REPORT_CASES if available(c)]
+    lines = [f"{'linear CE path':<15} {'N x D x V':>17} {'rss_MiB':>8} {'floor_MiB':>9} {'rss/tf_plain':>12}"]
+    for n, d, v in QUICK_SHAPES if quick else SHAPES:
+        rss = {name: run_child(name, n, d, v, 0)["rss_MiB"] for name in cases}
+        for name in cases:
+            ratio = rss[name] / rss["tf_plain"] if "tf_plain" in rss else float("nan")
+            lines.append(f"{name:<15} {f'{n}x{d}x{v}':>17} {rss[name]:>8.1f} {floor_mib(n, d, v):>9.1f} {ratio:>12.3f}")
+    sweep_cases = [c for c in SWEEP_CASES if available(c) and not (quick and c == "torch_plain")]
+    sweep = [{"case": name, "N": SWEEP_N, "D": SWEEP_D, "V": v, **run_child(name, SWEEP_N, SWEEP_D, v, 0)}
+             for v in (QUICK_SWEEP_V if quick else SWEEP_V) for name in sweep_cases]
+    os.makedirs(out_dir, exist_ok=True)
+    return "\n".join(lines), plot(sweep, sweep_cases, pathlib.Path(out_dir) / "linear_ce_memory.png")
 
 
 def main():

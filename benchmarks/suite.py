@@ -28,6 +28,15 @@ def discover():
     return [(m.__name__, m.cases) for m in modules if hasattr(m, "cases")]
 
 
+def reports():
+    """The ``report(quick, out_dir)`` functions of the bench_*.py modules: what
+    the shared harness cannot measure (e.g. memory in a fresh interpreter)."""
+    discover()
+    names = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(HERE, "bench_*.py")))
+    modules = [importlib.import_module(name) for name in names]
+    return [(m.__name__, m.report) for m in modules if hasattr(m, "report")]
+
+
 def _ms(timing):
     return f"{timing.median_ms:9.1f}" if timing else f"{'-':>9}"
 
@@ -86,6 +95,11 @@ def main(quick=False, out_dir="."):
     rows = scaling.measure(runs=runs, budget_bytes=2**28 if quick else 2**30)
     png = scaling.plot(rows, os.path.join(out_dir, "softgrad-scaling.png"))
     print(f"\nresults appended to {csv_path} and {out_dir}/bench.csv\nscaling plot: {png}")
+    for module, report in reports():
+        print(f"\n{module}: memory in fresh interpreters", flush=True)
+        text, plot = report(quick, out_dir)
+        print(text)
+        print(f"plot: {plot}")
     return 0
 
 
