@@ -199,7 +199,7 @@ def tf_path_case(shape, jit):
         "softgrad": lambda: _tf_path_cross_entropy(x, labels, jit, True),
         "tf": lambda: _tf_path_cross_entropy(x, labels, jit, False),
     }
-    return Case(f"TF path: cross_entropy fwd+bwd ({mode})", shape, "float32", impls)
+    return Case(f"TF path: cross_entropy fwd+bwd ({mode})", shape, "float32", impls, numpy_buffers=False)
 
 
 def cases(quick):

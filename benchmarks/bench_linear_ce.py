@@ -170,7 +170,7 @@ def cases(quick):
             "softgrad": lambda i=inputs: _tf_case("tf_softgrad", *i()),
             "tf": lambda i=inputs: _tf_case("tf_plain", *i()),
             "torch": lambda i=inputs: _torch_case("torch_plain", *i()),
-        }))
+        }, numpy_buffers=False))
         out.append(Case("linear_cross_entropy fwd+bwd (NumPy path)", (n, d, v), "float32", {
             "softgrad": lambda i=inputs: _numpy_case(*i()),
             "numpy": lambda i=inputs: (lambda h, w, t: lambda: _naive_numpy(h, w, t))(*i()),

@@ -44,6 +44,9 @@ class Case:
     ``bytes_moved``: the bytes a perfect implementation must read and write,
     for the bandwidth bound (None for no bound). ``copy_bytes``: the size of
     the buffer whose copy measures the bandwidth (default: ``bytes_moved / 2``).
+    ``numpy_buffers``: False where softgrad's implementation runs on
+    TensorFlow, whose memory tracemalloc does not see (its cell stays empty
+    rather than reading 0).
     """
 
     op: str
@@ -52,6 +55,7 @@ class Case:
     impls: dict
     bytes_moved: float = None
     copy_bytes: int = None
+    numpy_buffers: bool = True
     results: dict = field(default_factory=dict)
     bound_ms: float = None
 
@@ -104,7 +108,7 @@ def run_case(case, *, runs, warmup, log=print):
         except ImportError as error:
             log(f"  {case.op} {name}: skipped ({error})")
             continue
-        memory = not name.startswith(("tf", "torch"))
+        memory = not name.startswith(("tf", "torch")) and (case.numpy_buffers or name != "softgrad")
         case.results[name] = time_thunk(thunk, runs=runs, warmup=warmup, memory=memory)
         del thunk
         gc.collect()
