@@ -37,7 +37,7 @@ import numpy as np
 from numba import njit
 
 from ._primitives import exp, maximum
-from ._rows import BLOCK, sum_exp
+from ._rows import BLOCK, row_max, sum_exp
 
 
 @njit
@@ -49,14 +49,6 @@ def _sech2(a, one):
     two = one + one
     e = exp(-(two * abs(a)))
     return (two * two) * e / ((one + e) * (one + e))
-
-
-@njit
-def _row_max(row):
-    m = row.dtype.type(-np.inf)
-    for j in range(row.shape[0]):
-        m = maximum(m, row[j])
-    return m
 
 
 @njit(fastmath={"reassoc", "contract"})
@@ -81,7 +73,7 @@ def _stats_row(row, b, has_bias, local, m, r, want_sum, lowest):
     if has_bias:
         for j in range(row.shape[0]):
             row[j] += b[j]
-    m_k = _row_max(row)
+    m_k = row_max(row)
     # chunk_rest: Σ_{z<0} e^z + (ties - 1), z = x - m_k; sum_exp forms the
     # same z (saturating only where it would be -inf anyway, which exp maps
     # to 0 as well). An all -inf chunk gives NaN here and is skipped below.
