@@ -28,21 +28,28 @@ def shifted_logits(xp, x, temperature=1.0, mask=None):
     through ``m`` is exactly zero (derivations.md#softmax). Shifting before
     dividing keeps ``x / T`` from overflowing.
     """
+    if mask is None and isinstance(temperature, float):
+        return shifted_by_max(xp, x, xp.rowmax(x), temperature)
     present = x != NEG_INF
     if mask is not None:
         present = xp.logical_and(present, mask)
-    if mask is None and isinstance(temperature, float):
-        # Nothing multiplies a -inf logit in the backward pass here, so the
-        # logits need no masking before the arithmetic.
-        m = _zero_if_empty(xp, xp.rowmax(x))
-        z = x - m if temperature == 1.0 else _divided(x, m, temperature)
-    else:
-        m = _zero_if_empty(xp, xp.rowmax(xp.where(present, x, NEG_INF)))
-        # Absent entries are replaced by m before the arithmetic so that
-        # neither their value nor their gradient can produce inf - inf or
-        # 0 * inf.
-        z = _divided(xp.where(present, x, m), m, temperature)
+    m = _zero_if_empty(xp, xp.rowmax(xp.where(present, x, NEG_INF)))
+    # Absent entries are replaced by m before the arithmetic so that
+    # neither their value nor their gradient can produce inf - inf or
+    # 0 * inf.
+    z = _divided(xp.where(present, x, m), m, temperature)
     return _saturated(xp, z, present), m
+
+
+def shifted_by_max(xp, x, row_max, temperature=1.0):
+    """:func:`shifted_logits` with no mask and a float temperature, given
+    ``row_max``, the max of each row of x found by the caller (with its
+    argmax, say)."""
+    # Nothing multiplies a -inf logit in the backward pass here, so the
+    # logits need no masking before the arithmetic.
+    m = _zero_if_empty(xp, row_max)
+    z = x - m if temperature == 1.0 else _divided(x, m, temperature)
+    return _saturated(xp, z, x != NEG_INF), m
 
 
 def shifted_by(xp, x, m):
@@ -126,6 +133,14 @@ def softmax_body(xp, z):
     return e / xp.where(s == 0, xp.ones_like(s), s)
 
 
+def softmax_unmasked(xp, x, temperature=1.0):
+    """softmax of x / T, no mask: :func:`softmax_body` of the exponentials
+    of :func:`exp_argument`, which are those of z. So no pass forms z, its
+    -inf entries or its saturation, which only its log-space uses need."""
+    m = _zero_if_empty(xp, xp.rowmax(x))
+    return softmax_body(xp, exp_argument(xp, x, m, temperature))
+
+
 def log_softmax_body(xp, z):
     """log-softmax of shifted logits; a row with no present entry gives -inf."""
     lse = logsumexp_body(xp, z)
@@ -149,19 +164,21 @@ def softmax_vjp(xp, y, dy, top=None):
     return y * (d - xp.rowsum(d * y))
 
 
-def log_softmax_vjp(xp, logp, dlogp, top=None):
+def log_softmax_vjp(xp, logp, dlogp, top=None, all_present=False):
     """dx = dlogp - p * sum(dlogp); absent entries (logp = -inf) get 0.
 
     At the argmax r, dlogp_r - p_r T is evaluated as
     -sum_{c != r} dlogp_c - T expm1(logp_r), which has no cancellation when
     p_r is close to one, and makes each row sum to zero
-    (derivations.md#precision).
+    (derivations.md#precision). ``all_present``: the caller knows that no
+    entry is absent, so the sums need not read logp to leave them out.
     """
     top = xp.argmax_index(logp) if top is None else top
     present = logp != NEG_INF
+    counted = dlogp if all_present else xp.where(present, dlogp, xp.zeros_like(dlogp))
     # The argmax's entry is taken out of the sum, and its result put in, one
     # entry per row rather than through a one-hot row.
-    others = xp.rowsum(xp.put_at(xp.where(present, dlogp, xp.zeros_like(dlogp)), top, 0.0))
+    others = xp.rowsum(xp.put_at(counted, top, 0.0))
     logp_top = xp.take(logp, top)
     total = others + xp.where(logp_top == NEG_INF, xp.zeros_like(logp_top), xp.take(dlogp, top))
     g = xp.where(present, dlogp - xp.exp(logp) * total, xp.zeros_like(dlogp))

@@ -38,26 +38,40 @@ def softmax_family(xp, x, temperature, log):
 
 
 def _argmax_index(x):
-    """An argmax of each row, shape (..., 1).
+    """An argmax of each row, shape (..., 1): see :func:`_row_extremes`."""
+    return _row_extremes(x)[1]
+
+
+def _row_extremes(x, with_min=False):
+    """``(max, argmax)`` of each row, both of shape (..., 1), and with
+    ``with_min`` a third: whether any entry of x is -inf (a scalar).
 
     XLA's argmax is a reduction that it does not vectorise, many times
     slower than a max. So the row is laid out as a (block, C / block)
-    matrix: a vectorised max down its columns, an argmax over the column
-    maxima, then one within the column that holds the row's max, both
-    short. With ties any of the maxima may come out, which serves every
-    use here (each is exact for any index at the max). A NaN row may point
-    anywhere in it, which only its own NaN result sees.
+    matrix: a vectorised max (and min) down its columns, whose max is the
+    row's, an argmax over the column maxima, then one within the column
+    that holds the row's max, both short. One pass over x gives all three,
+    where a max and an argmax apart would take two. With ties any of the
+    maxima may come out, which serves every use here (each is exact for
+    any index at the max). A NaN row may point anywhere in it, which only
+    its own NaN result sees.
     """
     c = x.shape[-1]
     block = _block_size(c)
     if block is None:
-        return tf.expand_dims(tf.argmax(x, axis=-1, output_type=tf.int32), -1)
+        extremes = (tf.reduce_max(x, axis=-1, keepdims=True),
+                    tf.expand_dims(tf.argmax(x, axis=-1, output_type=tf.int32), -1))
+        return extremes + (tf.reduce_any(x == _maths.NEG_INF),) if with_min else extremes
     cols = c // block
     matrix = tf.reshape(x, tf.concat([tf.shape(x)[:-1], [block, cols]], 0))
-    col = tf.argmax(tf.reduce_max(matrix, axis=-2), axis=-1, output_type=tf.int32)
+    col_max = tf.reduce_max(matrix, axis=-2)
+    col = tf.argmax(col_max, axis=-1, output_type=tf.int32)
     column = tf.gather(matrix, col, axis=-1, batch_dims=x.shape.rank - 1)
     row = tf.argmax(column, axis=-1, output_type=tf.int32)
-    return tf.expand_dims(row * cols + col, -1)
+    extremes = (tf.reduce_max(col_max, axis=-1, keepdims=True), tf.expand_dims(row * cols + col, -1))
+    if with_min:
+        extremes += (tf.reduce_any(tf.reduce_min(matrix, axis=-2) == _maths.NEG_INF),)
+    return extremes
 
 
 def _block_size(c):
@@ -70,23 +84,98 @@ def _block_size(c):
 
 @functools.lru_cache(maxsize=None)
 def _softmax_functions(xp, temperature, log):
-    vjp = _maths.log_softmax_vjp if log else _maths.softmax_vjp
+    return _log_softmax_functions(xp, temperature) if log else _softmax_only_functions(xp, temperature)
 
+
+def _softmax_only_functions(xp, temperature):
+    @_compiled
+    def by_maths(x):
+        return _maths.softmax_unmasked(xp, x, temperature)
+
+    def forward(x):
+        y = _kernel_softmax(x, by_maths) if temperature == 1.0 else by_maths(x)
+        return y, ()
+
+    @_compiled
+    def compiled_backward(y, d):
+        # Any index at the max of y serves as the anchor, an argmax of x as
+        # well as one of y; found here, the forward pass is left alone.
+        g = _maths.softmax_vjp(xp, y, d, _argmax_index(y))
+        return g if temperature == 1.0 else g / temperature
+
+    return forward, lambda y, saved, d: compiled_backward(y, d)
+
+
+def _kernel_softmax(x, by_maths):
+    """softmax of x (T = 1) by TensorFlow's own kernel where it agrees with
+    ``by_maths`` (:func:`softgrad._maths.softmax_body`), which it does for
+    finite logits: both take the row max off, exponentiate and divide by
+    the sum, the kernel in one fused pass.
+
+    Under XLA, ``by_maths`` compiles to the same passes as the kernel, so
+    it is used as it is. Op by op, TensorFlow's kernel lets a NaN or +inf
+    through without spoiling the rest of its row, and gives NaN (0 / 0)
+    for a row with no entry, so any non-finite logit, or a sum that
+    overflows, sends the whole input to ``by_maths``; the check is one
+    reduction of x to a number.
+    """
+    if _in_xla():
+        return by_maths(x)
+    finite = tf.math.is_finite(tf.reduce_sum(x))
+    return tf.cond(finite, lambda: tf.nn.softmax(x), lambda: by_maths(x))
+
+
+def _in_xla():
+    """Whether the function being traced is compiled by XLA as a whole
+    (``jit_compile=True``). Asked of TensorFlow's tracing context; where
+    that cannot be read, the answer is no, which is correct, only slower."""
+    try:
+        from tensorflow.python.ops import control_flow_util
+
+        return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+    except Exception:  # pragma: no cover - TensorFlow's internals moved
+        return False
+
+
+def _log_softmax_functions(xp, temperature):
     @_compiled
     def forward(x):
-        z, m = _maths.shifted_logits(xp, x, temperature)
         # The argmax of x, not of z, which is z's argmax as well.
-        top = _argmax_index(x)
-        if log:
-            return _maths.log_softmax_anchored(xp, x, z, m, top, temperature), top
-        return _maths.softmax_body(xp, z), top
+        row_max, top, absent = _row_extremes(x, with_min=True)
+        z, m = _maths.shifted_by_max(xp, x, row_max, temperature)
+        return _maths.log_softmax_anchored(xp, x, z, m, top, temperature), (top, absent)
 
     @_compiled
-    def backward(out, top, d):
-        g = vjp(xp, out, d, top)
+    def backward(logp, saved, d):
+        # With no entry absent anywhere, the backward pass reads no logp in
+        # its sum: a pass over the input less.
+        top, absent = saved
+        vjp = _maths.log_softmax_vjp
+        g = _unless(absent, lambda o, d: vjp(xp, o, d, top), lambda o, d: vjp(xp, o, d, top, all_present=True))(logp, d)
         return g if temperature == 1.0 else g / temperature
 
     return forward, backward
+
+
+def _unless(flag, general, special):
+    """``general`` where ``flag`` is true, else ``special``: the same
+    function of the same tensors, cheaper where ``flag`` is false.
+
+    Its derivative is that of ``general``, taken with a tape: XLA cannot
+    compile the derivative of a ``tf.cond`` whose branches keep tensors.
+    """
+
+    @tf.custom_gradient
+    def op(*args):
+        def grad(*output_gradients):
+            with tf.GradientTape() as tape:
+                tape.watch(args)
+                again = general(*args)
+            return tape.gradient(again, args, output_gradients=output_gradients)
+
+        return tf.cond(flag, lambda: general(*args), lambda: special(*args)), grad
+
+    return op
 
 
 def cross_entropy(xp, x, tg, z_loss, reduction, with_grad):
