@@ -1,5 +1,6 @@
 """The pool of large kernel outputs: memory is reused only when no array uses it."""
 
+import gc
 import threading
 
 import numpy as np
@@ -14,6 +15,21 @@ pytestmark = pytest.mark.skipif(not kernels.enabled(), reason="the compiled kern
 # float32 rows of 16384 entries: 64 rows are exactly the pool's smallest size
 ROWS, COLS = 64, 16384
 assert ROWS * COLS * 4 == _buffers.MIN_BYTES
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled_kernels():
+    """Compile the kernels these tests call, on inputs too small to pool.
+
+    A call that compiles a kernel leaves a reference cycle that holds its
+    arguments, the pooled output among them, until the garbage collector
+    runs: that buffer is not reused before then. Every later call holds
+    nothing, which is what these tests are about.
+    """
+    small = np.zeros((2, 8), np.float32)
+    softgrad.softmax(small)
+    softgrad.cross_entropy_with_grad(small, np.zeros(2, np.int64))
+    gc.collect()
 
 
 @pytest.fixture(autouse=True)

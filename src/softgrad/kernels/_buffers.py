@@ -18,6 +18,11 @@ What the pool keeps is bounded: at most ``MAX_BUFFERS`` buffers, the least
 recently used free one dropped first, and a buffer is added only when every
 buffer of that size is in use, so the free memory it holds was in use as
 outputs at some point. :func:`release` drops every free buffer.
+
+The call that compiles a kernel leaves behind a reference cycle that holds
+its arguments until the garbage collector runs; an output it wrote into a
+pooled buffer keeps that buffer busy until then, and the next call of that
+size takes another. Later calls hold nothing.
 """
 
 import sys
