@@ -172,34 +172,45 @@ def jacobian_case(shape, tf=True):
 # -- softgrad's TensorFlow path against TensorFlow's built-ins ----------------
 
 
-def _tf_path_cross_entropy(x, labels, jit, use_softgrad):
+def _tf_path_step(op, x, labels, dy, jit, use_softgrad):
+    """Forward and backward of ``op`` on TF tensors, softgrad's or TF's own."""
     import tensorflow as tf
 
-    xt, yt = tf.constant(x), tf.constant(labels)
-
-    def loss_of(xt, yt):
-        if use_softgrad:
-            return softgrad.cross_entropy(xt, yt)
-        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=yt, logits=xt))
+    xt, yt, dyt = tf.constant(x), tf.constant(labels), tf.constant(dy)
+    builtins = {
+        "cross_entropy": lambda xt: tf.reduce_mean(
+            tf.nn.sparse_softmax_cross_entropy_with_logits(labels=yt, logits=xt)),
+        "softmax": tf.nn.softmax,
+        "log_softmax": tf.nn.log_softmax,
+    }
+    ours = {
+        "cross_entropy": lambda xt: softgrad.cross_entropy(xt, yt),
+        "softmax": softgrad.softmax,
+        "log_softmax": softgrad.log_softmax,
+    }
+    forward = (ours if use_softgrad else builtins)[op]
+    cotangent = None if op == "cross_entropy" else dyt
 
     @tf.function(jit_compile=jit)
-    def step(xt, yt):
+    def step(xt):
         with tf.GradientTape() as tape:
             tape.watch(xt)
-            loss = loss_of(xt, yt)
-        return loss, tape.gradient(loss, xt)
+            out = forward(xt)
+        return out, tape.gradient(out, xt, output_gradients=cotangent)
 
-    return lambda: [t.numpy() for t in step(xt, yt)]
+    return lambda: [t.numpy() for t in step(xt)]
 
 
-def tf_path_case(shape, jit):
-    x, labels, _ = _data(shape)
+def tf_path_case(shape, jit, op="cross_entropy"):
+    """softgrad on TF tensors against TF's built-in for the same op, forward
+    and backward, under tf.function or XLA."""
+    x, labels, dy = _data(shape)
     mode = "XLA" if jit else "tf.function"
     impls = {
-        "softgrad": lambda: _tf_path_cross_entropy(x, labels, jit, True),
-        "tf": lambda: _tf_path_cross_entropy(x, labels, jit, False),
+        "softgrad": lambda: _tf_path_step(op, x, labels, dy, jit, True),
+        "tf": lambda: _tf_path_step(op, x, labels, dy, jit, False),
     }
-    return Case(f"TF path: cross_entropy fwd+bwd ({mode})", shape, "float32", impls, numpy_buffers=False)
+    return Case(f"TF path: {op} fwd+bwd ({mode})", shape, "float32", impls, numpy_buffers=False)
 
 
 def cases(quick):
@@ -212,6 +223,8 @@ def cases(quick):
         softmax_vjp_case((65536, 10)),
         cross_entropy_case((1000, 50257), tf=not quick, torch=not quick),
         softmax_vjp_case((1000, 50257), tf=not quick, torch=not quick),
-        tf_path_case((256, 32768), jit=False),
-        tf_path_case((256, 32768), jit=True),
+    ] + [
+        tf_path_case((256, 32768), jit, op)
+        for op in ("cross_entropy", "softmax", "log_softmax")
+        for jit in (False, True)
     ]
