@@ -28,8 +28,9 @@ from tolerances import assert_close, spread
 compiled = pytest.mark.skipif(not kernels.enabled(), reason=f"kernels off: {kernels.status()['reason']}")
 
 DTYPES = ("float32", "float64")
-# 256 is the kernels' block length: one block, one block and a tail, a tail only.
-CLASSES = st.sampled_from([1, 2, 3, 10, 255, 256, 257, 600])
+# 256 is the kernels' block length: one block, one block and a tail, a tail
+# only; shorter rows go a tile at a time (kernels/_short.py).
+CLASSES = st.sampled_from([1, 2, 3, 10, 33, 255, 256, 257, 600])
 
 
 @st.composite
@@ -189,7 +190,7 @@ def test_cross_entropy_extreme_logits_match_numpy_path(case, data, label_smoothi
 
 
 @compiled
-@pytest.mark.parametrize("shape", [(65536, 10), (3, 50257), (1000, 1001)])
+@pytest.mark.parametrize("shape", [(65536, 10), (999, 33), (3, 50257), (1000, 1001)])
 def test_small_and_odd_class_counts(shape):
     """Against the float64 one-liners; the oracle's explicit Jacobians would not fit."""
     rng = np.random.default_rng(sum(shape))

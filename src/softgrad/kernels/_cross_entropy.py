@@ -24,7 +24,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._rows import blocked_sum, max_and_shift, shifted, sum_exp
+from ._rows import blocked_sum, max_and_shift, shifted, sum_exp, sum_stored
 
 
 @njit
@@ -81,10 +81,19 @@ def _grad_entry(g, j, x, e, q, top_value, coef, scale, s_q, top_extra, absent):
 
 
 @njit
-def _example(row, g, label, soft_row, weight, a, b, valid, z_loss, scale, lowest, ahead):
-    """The loss of one example; writes its gradient into ``g`` unless None; prefetches ``ahead``."""
+def _example(row, g, label, soft_row, weight, a, b, valid, z_loss, scale, lowest, ahead, e_ready):
+    """The loss of one example; writes its gradient into ``g`` unless None; prefetches ``ahead``.
+
+    ``e_ready``: ``g`` already holds e^z (``_short.py``), so the row's sum is
+    taken from it instead of exponentiating again.
+    """
     raw_max, m = max_and_shift(row)
-    below, n_top = sum_exp(row, m, None, lowest, g, ahead)
+    if g is None:
+        below, n_top = sum_exp(row, m, None, lowest, None, ahead)
+    elif e_ready:
+        below, n_top = sum_stored(row, m, None, lowest, g)
+    else:
+        below, n_top = sum_exp(row, m, None, lowest, g, ahead)
     e_total = below + n_top
     rest = below + (n_top - 1.0)
     lse = math.log1p(rest)
@@ -132,9 +141,9 @@ def with_labels(x, labels, weight, ignore_index, a, b, z_loss, scale, lowest, lo
         v = 1.0 if valid else 0.0
         ahead = x[min(i + 1, x.shape[0] - 1)]
         if grad is None:
-            loss[i] = _example(x[i], None, label, None, weight, ai, bi, v, z_loss, scale, lowest, ahead)
+            loss[i] = _example(x[i], None, label, None, weight, ai, bi, v, z_loss, scale, lowest, ahead, False)
         else:
-            loss[i] = _example(x[i], grad[i], label, None, weight, ai, bi, v, z_loss, scale, lowest, ahead)
+            loss[i] = _example(x[i], grad[i], label, None, weight, ai, bi, v, z_loss, scale, lowest, ahead, False)
 
 
 @njit(parallel=True, cache=True)
@@ -143,6 +152,6 @@ def with_soft_labels(x, soft, weight, a, b, z_loss, scale, lowest, loss, grad):
     for i in prange(x.shape[0]):
         ahead = x[min(i + 1, x.shape[0] - 1)]
         if grad is None:
-            loss[i] = _example(x[i], None, 0, soft[i], weight, a, b, 1.0, z_loss, scale, lowest, ahead)
+            loss[i] = _example(x[i], None, 0, soft[i], weight, a, b, 1.0, z_loss, scale, lowest, ahead, False)
         else:
-            loss[i] = _example(x[i], grad[i], 0, soft[i], weight, a, b, 1.0, z_loss, scale, lowest, ahead)
+            loss[i] = _example(x[i], grad[i], 0, soft[i], weight, a, b, 1.0, z_loss, scale, lowest, ahead, False)

@@ -100,6 +100,31 @@ def sum_exp(row, m, t, lowest, out, ahead=None):
     return below + b, n_top + c
 
 
+@njit(fastmath=_REDUCE)
+def sum_stored(row, m, t, lowest, e):
+    """:func:`sum_exp` of a row whose e^z the caller has stored in ``e``.
+
+    For rows shorter than a block (``_short.py``), whose exponentials are
+    computed a tile of rows at a time. The sum is taken in the row's dtype
+    and the ties are counted from z, as :func:`sum_exp` does for such rows.
+    """
+    b = row.dtype.type(0)
+    c = row.dtype.type(0)
+    for j in range(row.shape[0]):
+        if shifted(row[j], m, t, lowest) == 0:
+            c += 1
+        else:
+            b += e[j]
+    return np.float64(b), np.float64(c)
+
+
+@njit
+def exp_in_place(flat):
+    """flat <- e^flat on a contiguous 1-D array: one loop, which vectorises."""
+    for k in range(flat.shape[0]):
+        flat[k] = exp(flat[k])
+
+
 @njit
 def prefetch_block(ahead, start):
     """Prefetch ``ahead[start : start + BLOCK]`` (clipped to the row); None does nothing.
