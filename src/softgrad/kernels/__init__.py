@@ -158,7 +158,7 @@ def log_softmax(x, temperature=1.0):
     """log-softmax over the last axis of ``x`` (rows, C)."""
     out = _buffers.empty(x.shape, x.dtype)
     if x.size:
-        _launch(_module("softmax").log_softmax, x.size, x, _t(x, temperature), _lowest(x), out)
+        _launch(_rows_module(x, "softmax").log_softmax, _work(x), x, _t(x, temperature), _lowest(x), out)
     return out
 
 
@@ -174,7 +174,7 @@ def log_softmax_vjp(logp, dlogp):
     """``dlogp - exp(logp) * sum(dlogp)`` per row; 0 where logp = -inf."""
     out = _buffers.empty(logp.shape, logp.dtype)
     if logp.size:
-        _launch(_module("softmax").log_softmax_vjp, logp.size, logp, dlogp, out)
+        _launch(_rows_module(logp, "softmax").log_softmax_vjp, _work(logp), logp, dlogp, out)
     return out
 
 
@@ -237,11 +237,8 @@ def _run_cross_entropy(x, labels, weight, ignore_index, eps, z_loss, reduction, 
         if soft:
             _launch(kernels.with_soft_labels, x.size, x, labels, weight, *options)
         else:
-            work = x.size
-            if want_grad:
-                # The gradient's memory holds the exponentials of short rows.
-                kernels, work = _rows_module(x, "cross_entropy"), _work(x)
-            _launch(kernels.with_labels, work, x, labels, weight, ignore_index, *options)
+            kernels = _rows_module(x, "cross_entropy")
+            _launch(kernels.with_labels, _work(x), x, labels, weight, ignore_index, *options)
     if reduction == "none":
         return per_example.astype(x.dtype), grad
     if scale == 0:

@@ -13,11 +13,14 @@ maths, the same handling of -inf, NaN and saturation, results equal up to
 the order of the sums. The caller picks these for C < ``SHORT``.
 """
 
+import math
+
 import numpy as np
 from numba import njit, prange
 
 from ._cross_entropy import _example
-from ._rows import BLOCK, exp_in_place, max_and_shift, shifted
+from ._primitives import exp
+from ._rows import BLOCK, exp_in_place, max_and_shift, shifted, sum_stored
 
 # Measured at 655360 entries, 2 threads: faster than the per-row kernels at
 # every C below a block (softmax 2.3x at C = 10, 1.3x at C = 255).
@@ -33,14 +36,15 @@ def _tiles(n_rows, n_classes):
 
 
 @njit
-def _shifted_tile(x, i0, i1, t, lowest, out):
-    """out[i] <- z of row i for the tile's rows, then e^z over the whole tile."""
+def _shifted_tile(x, i0, i1, t, lowest, out, first=0):
+    """out[i - first] <- z of row i for the tile's rows, then e^z over the
+    whole tile (``first``: the row of x that out's row 0 holds)."""
     for i in range(i0, i1):
-        row, o = x[i], out[i]
+        row, o = x[i], out[i - first]
         _, m = max_and_shift(row)
         for j in range(row.shape[0]):
             o[j] = shifted(row[j], m, t, lowest)
-    exp_in_place(out.reshape(-1)[i0 * x.shape[1]: i1 * x.shape[1]])
+    exp_in_place(out.reshape(-1)[(i0 - first) * x.shape[1]: (i1 - first) * x.shape[1]])
 
 
 @njit
@@ -77,6 +81,52 @@ def softmax(x, t, out):
 
 
 @njit(parallel=True, cache=True)
+def log_softmax(x, t, lowest, out):
+    """``_softmax.log_softmax``: z - log1p(Σ_{z<0} e^z + n_top - 1); ``out``
+    holds the tile's e^z until each row's result replaces them."""
+    rows, n_tiles = _tiles(x.shape[0], x.shape[1])
+    for tile in prange(n_tiles):
+        i0, i1 = tile * rows, min(x.shape[0], (tile + 1) * rows)
+        _shifted_tile(x, i0, i1, t, lowest, out)
+        for i in range(i0, i1):
+            row, o = x[i], out[i]
+            _, m = max_and_shift(row)
+            below, n_top = sum_stored(row, m, t, lowest, o)
+            lse = math.log1p(below + (n_top - 1.0))
+            lse = x.dtype.type(0.0 if lse == -np.inf else lse)
+            for j in range(row.shape[0]):
+                o[j] = shifted(row[j], m, t, lowest) - lse
+
+
+@njit(parallel=True, cache=True)
+def log_softmax_vjp(logp, g, out):
+    """``_softmax.log_softmax_vjp``: g - p Σ g, the argmax set to minus the
+    others; ``out`` holds the tile's p = e^logp first."""
+    rows, n_tiles = _tiles(logp.shape[0], logp.shape[1])
+    n = logp.shape[1]
+    flat_logp, flat_out = logp.reshape(-1), out.reshape(-1)
+    zero = g.dtype.type(0)
+    for tile in prange(n_tiles):
+        i0, i1 = tile * rows, min(logp.shape[0], (tile + 1) * rows)
+        for k in range(i0 * n, i1 * n):
+            flat_out[k] = exp(flat_logp[k])
+        for i in range(i0, i1):
+            lr, gr, o = logp[i], g[i], out[i]
+            total = zero
+            for j in range(n):
+                if lr[j] != -np.inf:
+                    total += gr[j]
+            for j in range(n):
+                o[j] = zero if lr[j] == -np.inf else gr[j] - o[j] * total
+            top = _first_argmax(lr)
+            others = zero
+            for j in range(n):
+                if j != top:
+                    others += o[j]
+            o[top] = -others
+
+
+@njit(parallel=True, cache=True)
 def softmax_vjp(y, dy, out):
     """``_softmax.softmax_vjp``: y (d - Σ d y) with d = dy - dy[argmax y]."""
     rows, n_tiles = _tiles(y.shape[0], y.shape[1])
@@ -93,13 +143,18 @@ def softmax_vjp(y, dy, out):
 
 @njit(parallel=True, cache=True)
 def with_labels(x, labels, weight, ignore_index, a, b, z_loss, scale, lowest, loss, grad):
-    """``_cross_entropy.with_labels`` with the gradient: e^z goes into
-    ``grad`` a tile at a time, and each row's loss and gradient are formed
-    from it."""
+    """``_cross_entropy.with_labels``: e^z goes into ``grad`` a tile at a
+    time, and each row's loss and gradient are formed from it. Without a
+    gradient a tile-sized scratch takes its place (and the gradient formed
+    there is dropped: cheaper than a second kernel)."""
     rows, n_tiles = _tiles(x.shape[0], x.shape[1])
     for tile in prange(n_tiles):
         i0, i1 = tile * rows, min(x.shape[0], (tile + 1) * rows)
-        _shifted_tile(x, i0, i1, None, lowest, grad)
+        if grad is None:
+            g, first = np.empty((i1 - i0, x.shape[1]), x.dtype), i0
+        else:
+            g, first = grad, 0
+        _shifted_tile(x, i0, i1, None, lowest, g, first)
         for i in range(i0, i1):
             label = labels[i]
             valid = label != ignore_index
@@ -108,4 +163,4 @@ def with_labels(x, labels, weight, ignore_index, a, b, z_loss, scale, lowest, lo
             bi = b if valid else x.dtype.type(0)
             label = label if valid else 0
             v = 1.0 if valid else 0.0
-            loss[i] = _example(x[i], grad[i], label, None, weight, ai, bi, v, z_loss, scale, lowest, None, True)
+            loss[i] = _example(x[i], g[i - first], label, None, weight, ai, bi, v, z_loss, scale, lowest, None, True)
