@@ -202,15 +202,8 @@ def test_blocked_argmax_finds_a_max():
     np.testing.assert_array_equal(x[ordinary, plain], row_max)
 
 
-@pytest.mark.parametrize("name", ["softmax", "log_softmax", "log_softmax_temperature"])
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_softmax_family_edge_rows_match_op_by_op(tf_run, name, dtype, monkeypatch):
-    """Ties across blocks, absent entries, NaN/+inf, empty, confident and
-    saturating rows: values, gradients and second derivatives of the
-    compiled path (blocked argmax, anchored log-sum-exp) against op by op."""
-    op = OPS[name]
-    x = _wide_rows(dtype)
-    v = np.random.default_rng(4).normal(size=x.shape).astype(dtype)
+def _value_gradient_second(op):
+    """(op(x), its VJP with v, the derivative of <VJP, v>) for one softmax-family op."""
 
     def value_gradient_second(x, v):
         with tf.GradientTape() as outer:
@@ -221,6 +214,19 @@ def test_softmax_family_edge_rows_match_op_by_op(tf_run, name, dtype, monkeypatc
             grad = inner.gradient(out, x, output_gradients=v)
             projected = tf.reduce_sum(tf.where(tf.math.is_finite(grad), grad, 0) * v)
         return out, grad, outer.gradient(projected, x)
+
+    return value_gradient_second
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax", "log_softmax_temperature"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_softmax_family_edge_rows_match_op_by_op(tf_run, name, dtype, monkeypatch):
+    """Ties across blocks, absent entries, NaN/+inf, empty, confident and
+    saturating rows: values, gradients and second derivatives of the
+    compiled path (blocked argmax, anchored log-sum-exp) against op by op."""
+    x = _wide_rows(dtype)
+    v = np.random.default_rng(4).normal(size=x.shape).astype(dtype)
+    value_gradient_second = _value_gradient_second(OPS[name])
 
     monkeypatch.setattr(fused, "MIN_ELEMENTS", 1 << 62)
     expected = tf_run(value_gradient_second, x, v)
@@ -249,16 +255,7 @@ def test_softmax_by_tensorflows_kernel_on_finite_logits(tf_run, dtype, monkeypat
     too. Any non-finite logit sends the input to the maths instead."""
     x = _wide_rows(dtype)[[0, 5, 6, 7]]
     v = np.random.default_rng(5).normal(size=x.shape).astype(dtype)
-
-    def value_gradient_second(x, v):
-        with tf.GradientTape() as outer:
-            outer.watch(x)
-            with tf.GradientTape() as inner:
-                inner.watch(x)
-                out = sg.softmax(x)
-            grad = inner.gradient(out, x, output_gradients=v)
-            projected = tf.reduce_sum(grad * v)
-        return out, grad, outer.gradient(projected, x)
+    value_gradient_second = _value_gradient_second(OPS["softmax"])
 
     monkeypatch.setattr(fused, "MIN_ELEMENTS", 1 << 62)
     expected = tf_run(value_gradient_second, x, v)

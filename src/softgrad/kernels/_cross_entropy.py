@@ -128,17 +128,20 @@ def _example(row, g, label, soft_row, weight, a, b, valid, z_loss, scale, lowest
     return loss
 
 
+@njit
+def label_targets(label, ignore_index, a, b):
+    """(label, a, b, valid) of one example: an ignored one has q = 0, which
+    label 0 with a = b = 0 gives exactly."""
+    if label != ignore_index:
+        return label, a, b, 1.0
+    return 0, a - a, b - b, 0.0
+
+
 @njit(parallel=True, cache=True)
 def with_labels(x, labels, weight, ignore_index, a, b, z_loss, scale, lowest, loss, grad):
     """Cross-entropy with integer labels."""
     for i in prange(x.shape[0]):
-        label = labels[i]
-        valid = label != ignore_index
-        # An ignored example has q = 0: label 0 with a = b = 0 gives exactly that.
-        ai = a if valid else x.dtype.type(0)
-        bi = b if valid else x.dtype.type(0)
-        label = label if valid else 0
-        v = 1.0 if valid else 0.0
+        label, ai, bi, v = label_targets(labels[i], ignore_index, a, b)
         ahead = x[min(i + 1, x.shape[0] - 1)]
         if grad is None:
             loss[i] = _example(x[i], None, label, None, weight, ai, bi, v, z_loss, scale, lowest, ahead, False)

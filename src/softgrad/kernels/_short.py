@@ -18,7 +18,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._cross_entropy import _example
+from ._cross_entropy import _example, label_targets
 from ._primitives import exp
 from ._rows import BLOCK, exp_in_place, max_and_shift, shifted, sum_stored
 
@@ -156,11 +156,5 @@ def with_labels(x, labels, weight, ignore_index, a, b, z_loss, scale, lowest, lo
             g, first = grad, 0
         _shifted_tile(x, i0, i1, None, lowest, g, first)
         for i in range(i0, i1):
-            label = labels[i]
-            valid = label != ignore_index
-            # An ignored example has q = 0: label 0 with a = b = 0 gives exactly that.
-            ai = a if valid else x.dtype.type(0)
-            bi = b if valid else x.dtype.type(0)
-            label = label if valid else 0
-            v = 1.0 if valid else 0.0
+            label, ai, bi, v = label_targets(labels[i], ignore_index, a, b)
             loss[i] = _example(x[i], g[i - first], label, None, weight, ai, bi, v, z_loss, scale, lowest, None, True)
