@@ -124,33 +124,28 @@ def _lowest(x):
     return np.finfo(x.dtype).min
 
 
-def _rows_module(x, name):
-    """The kernels for ``x``'s rows: ``_short.py``'s, a tile of rows at a
-    time, when they are short."""
-    short = _module("short")
-    return short if _short_rows(x) else _module(name)
-
-
-def _short_rows(x):
-    return x.shape[-1] < _module("short").SHORT
-
-
 # An entry of a short row costs a few of a long row's: cross-entropy at
 # 65536 x 10 takes 10 ns an entry on one thread, against 2.4 at 1024 x 32768.
 _SHORT_COST = 4
 
 
-def _work(x):
-    """What :func:`_launch` weighs against ``_PARALLEL_MIN``: x's entries,
+def _for_rows(x, name):
+    """(kernels, work) for ``x``'s rows: ``_short.py``'s kernels, a tile of
+    rows at a time, when the rows are short, else those of ``name``; and
+    what :func:`_launch` weighs against ``_PARALLEL_MIN``, x's entries with
     each of a short row counted ``_SHORT_COST`` times."""
-    return x.size * (_SHORT_COST if _short_rows(x) else 1)
+    short = _module("short")
+    if x.shape[-1] < short.SHORT:
+        return short, x.size * _SHORT_COST
+    return _module(name), x.size
 
 
 def softmax(x, temperature=1.0):
     """softmax over the last axis of ``x`` (rows, C), ``temperature`` a float > 0."""
     out = _buffers.empty(x.shape, x.dtype)
     if x.size:
-        _launch(_rows_module(x, "softmax").softmax, _work(x), x, _t(x, temperature), out)
+        kernels, work = _for_rows(x, "softmax")
+        _launch(kernels.softmax, work, x, _t(x, temperature), out)
     return out
 
 
@@ -158,7 +153,8 @@ def log_softmax(x, temperature=1.0):
     """log-softmax over the last axis of ``x`` (rows, C)."""
     out = _buffers.empty(x.shape, x.dtype)
     if x.size:
-        _launch(_rows_module(x, "softmax").log_softmax, _work(x), x, _t(x, temperature), _lowest(x), out)
+        kernels, work = _for_rows(x, "softmax")
+        _launch(kernels.log_softmax, work, x, _t(x, temperature), _lowest(x), out)
     return out
 
 
@@ -166,7 +162,8 @@ def softmax_vjp(y, dy):
     """``y * (dy - sum(dy * y))`` per row, with the argmax shift for precision."""
     out = _buffers.empty(y.shape, y.dtype)
     if y.size:
-        _launch(_rows_module(y, "softmax").softmax_vjp, _work(y), y, dy, out)
+        kernels, work = _for_rows(y, "softmax")
+        _launch(kernels.softmax_vjp, work, y, dy, out)
     return out
 
 
@@ -174,7 +171,8 @@ def log_softmax_vjp(logp, dlogp):
     """``dlogp - exp(logp) * sum(dlogp)`` per row; 0 where logp = -inf."""
     out = _buffers.empty(logp.shape, logp.dtype)
     if logp.size:
-        _launch(_rows_module(logp, "softmax").log_softmax_vjp, _work(logp), logp, dlogp, out)
+        kernels, work = _for_rows(logp, "softmax")
+        _launch(kernels.log_softmax_vjp, work, logp, dlogp, out)
     return out
 
 
@@ -232,13 +230,12 @@ def _run_cross_entropy(x, labels, weight, ignore_index, eps, z_loss, reduction, 
     per_example = np.zeros(n_rows, dtype=np.float64)
     grad = _buffers.empty(x.shape, x.dtype) if want_grad else None
     if x.size:
-        kernels = _module("cross_entropy")
         options = (a, b, float(z_loss), float(scale), _lowest(x), per_example, grad)
         if soft:
-            _launch(kernels.with_soft_labels, x.size, x, labels, weight, *options)
+            _launch(_module("cross_entropy").with_soft_labels, x.size, x, labels, weight, *options)
         else:
-            kernels = _rows_module(x, "cross_entropy")
-            _launch(kernels.with_labels, _work(x), x, labels, weight, ignore_index, *options)
+            kernels, work = _for_rows(x, "cross_entropy")
+            _launch(kernels.with_labels, work, x, labels, weight, ignore_index, *options)
     if reduction == "none":
         return per_example.astype(x.dtype), grad
     if scale == 0:

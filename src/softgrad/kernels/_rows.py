@@ -143,9 +143,19 @@ def first_argmax(row):
     """The first j with row[j] == max(row); 0 for a row holding a NaN, or empty.
 
     The max is found block by block (vectorised), remembering the first
-    block that reached it; only that block is searched entry by entry.
+    block that reached it; only that block is searched entry by entry. A row
+    shorter than a block is one plain loop: the blocks' set-up would cost
+    more than the search.
     """
     n = row.shape[0]
+    if n < BLOCK:
+        top = 0
+        for j in range(n):
+            if row[j] != row[j]:
+                return 0
+            if row[j] > row[top]:
+                top = j
+        return top
     m = row.dtype.type(-np.inf)
     where = 0
     for start in range(0, n, BLOCK):

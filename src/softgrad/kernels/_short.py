@@ -20,7 +20,7 @@ from numba import njit, prange
 
 from ._cross_entropy import _example, label_targets
 from ._primitives import exp
-from ._rows import BLOCK, exp_in_place, max_and_shift, shifted, sum_stored
+from ._rows import BLOCK, exp_in_place, first_argmax, max_and_shift, shifted, sum_stored
 
 # Measured at 655360 entries, 2 threads: faster than the per-row kernels at
 # every C below a block (softmax 2.3x at C = 10, 1.3x at C = 255).
@@ -45,20 +45,6 @@ def _shifted_tile(x, i0, i1, t, lowest, out, first=0):
         for j in range(row.shape[0]):
             o[j] = shifted(row[j], m, t, lowest)
     exp_in_place(out.reshape(-1)[(i0 - first) * x.shape[1]: (i1 - first) * x.shape[1]])
-
-
-@njit
-def _first_argmax(row):
-    """``_rows.first_argmax`` for a short row, in one plain loop: the first
-    j at the max, 0 for a row holding a NaN."""
-    top = 0
-    for j in range(row.shape[0]):
-        v = row[j]
-        if v != v:
-            return 0
-        if v > row[top]:
-            top = j
-    return top
 
 
 @njit(parallel=True, cache=True)
@@ -118,7 +104,7 @@ def log_softmax_vjp(logp, g, out):
                     total += gr[j]
             for j in range(n):
                 o[j] = zero if lr[j] == -np.inf else gr[j] - o[j] * total
-            top = _first_argmax(lr)
+            top = first_argmax(lr)
             others = zero
             for j in range(n):
                 if j != top:
@@ -133,7 +119,7 @@ def softmax_vjp(y, dy, out):
     for tile in prange(n_tiles):
         for i in range(tile * rows, min(y.shape[0], (tile + 1) * rows)):
             yr, dyr, o = y[i], dy[i], out[i]
-            d_top = dyr[_first_argmax(yr)]
+            d_top = dyr[first_argmax(yr)]
             total = y.dtype.type(0)
             for j in range(yr.shape[0]):
                 total += (dyr[j] - d_top) * yr[j]
