@@ -225,16 +225,19 @@ def test_confident_rows_keep_relative_precision():
 
 
 @compiled
-@given(n=CLASSES, data=st.data())
-def test_first_argmax_is_numpys_argmax(n, data):
-    from softgrad.kernels._rows import first_argmax
+@given(n=st.sampled_from([1, 10, 255, 256, 257, 600, 1024 + 31]), dtype=st.sampled_from(DTYPES), data=st.data())
+def test_row_max_and_first_argmax_are_numpys(n, dtype, data):
+    from softgrad.kernels._rows import first_argmax, row_max
 
     # few distinct values: ties within and across the 256-entry blocks
-    row = np.array(data.draw(st.lists(st.sampled_from([-np.inf, -1.0, 0.0, 2.0]), min_size=n, max_size=n)))
+    values = st.sampled_from([-np.inf, -1.0, 0.0, 2.0, np.inf])
+    row = np.array(data.draw(st.lists(values, min_size=n, max_size=n)), dtype=dtype)
     assert first_argmax(row) == np.argmax(row)
+    assert row_max(row) == np.max(row)
     if data.draw(st.booleans()):
         row[data.draw(st.integers(0, n - 1))] = np.nan
         assert first_argmax(row) == 0
+        assert np.isnan(row_max(row))
 
 
 @compiled

@@ -181,3 +181,66 @@ def prefetch(typingctx, a, j):
         return context.get_dummy_value()
 
     return types.none(a, j), codegen
+
+
+# Bytes per vector that ``block_max`` works in: one AVX-512 register, or two
+# AVX2 ones where LLVM splits it. Four independent accumulators hide the
+# latency of the max (as a loop's reduction chain does not: numba's
+# vectorised max loop waits on each step and runs at half the memory speed).
+_VECTOR_BYTES = 64
+_ACCUMULATORS = 4
+
+
+def _greater(builder, a, b):
+    """Lane-wise ``a if a > b else b``: b where either is NaN, as x86's MAXPS."""
+    return builder.select(builder.fcmp_ordered(">", a, b), a, b)
+
+
+@intrinsic
+def block_max(typingctx, row, start, length):
+    """``max(row[start : start + length])``, NaN if any of them is NaN.
+
+    ``length`` must be a compile-time constant multiple of 16 entries (a
+    Python int literal, as ``BLOCK``), and the slice must lie in the row,
+    which is a contiguous 1-D float32 or float64 array: the entries are
+    loaded as vectors without bounds checks. Written as explicit vectors:
+    the max of the non-NaN entries through 4 accumulators started at -inf,
+    and beside them whether any entry is unordered (NaN).
+    """
+    if not (isinstance(row, types.Array) and row.dtype in (types.float32, types.float64)
+            and isinstance(length, types.IntegerLiteral)):
+        return None
+    itemsize = 4 if row.dtype == types.float32 else 8
+    width = _VECTOR_BYTES // itemsize
+    n_vectors, rest = divmod(length.literal_value, width)
+    if rest or n_vectors % _ACCUMULATORS:
+        return None
+
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        array = context.make_array(array_type)(context, builder, args[0])
+        first = cgutils.get_item_pointer(context, builder, array_type, array, [args[1]], wraparound=False)
+        element = first.type.pointee
+        vector = ir.VectorType(element, width)
+        vectors = builder.bitcast(first, vector.as_pointer())
+        lowest = ir.Constant(vector, [float("-inf")] * width)
+        top = [lowest] * _ACCUMULATORS
+        unordered = [ir.Constant(ir.VectorType(ir.IntType(1), width), [0] * width)] * _ACCUMULATORS
+        for k in range(n_vectors):
+            v = builder.load(builder.gep(vectors, [ir.Constant(ir.IntType(64), k)]), align=itemsize)
+            a = k % _ACCUMULATORS
+            top[a] = _greater(builder, v, top[a])
+            unordered[a] = builder.or_(unordered[a], builder.fcmp_unordered("uno", v, v))
+        m = _greater(builder, _greater(builder, top[0], top[1]), _greater(builder, top[2], top[3]))
+        nan = builder.or_(builder.or_(unordered[0], unordered[1]), builder.or_(unordered[2], unordered[3]))
+        lanes = width
+        while lanes > 1:
+            lanes //= 2
+            halves = [ir.Constant(ir.VectorType(ir.IntType(32), lanes), list(range(s, s + lanes)))
+                      for s in (0, lanes)]
+            m = _greater(builder, *(builder.shuffle_vector(m, m, h) for h in halves))
+        any_nan = builder.icmp_unsigned("!=", builder.bitcast(nan, ir.IntType(width)), ir.Constant(ir.IntType(width), 0))
+        largest = builder.extract_element(m, ir.Constant(ir.IntType(32), 0))
+        return builder.select(any_nan, ir.Constant(element, float("nan")), largest)
+
+    return row.dtype(row, start, length), codegen

@@ -16,7 +16,7 @@ it, and numba keeps the flags per function.
 import numpy as np
 from numba import njit
 
-from ._primitives import exp, half, maximum, prefetch
+from ._primitives import block_max, exp, half, maximum, prefetch
 
 BLOCK = 256
 _REDUCE = {"reassoc", "contract"}
@@ -25,8 +25,15 @@ _REDUCE = {"reassoc", "contract"}
 @njit
 def row_max(row):
     """max of the row, NaN if the row holds a NaN, -inf if it is empty."""
+    n_blocks = row.shape[0] // BLOCK
     m = row.dtype.type(-np.inf)
-    for j in range(row.shape[0]):
+    for block in range(n_blocks):
+        b = block_max(row, block * BLOCK, BLOCK)
+        if b != b:
+            return b
+        # not maximum(m, b): its NaN test sits on the loop's critical path
+        m = b if b > m else m
+    for j in range(n_blocks * BLOCK, row.shape[0]):
         m = maximum(m, row[j])
     return m
 
@@ -142,31 +149,31 @@ def prefetch_block(ahead, start):
 def first_argmax(row):
     """The first j with row[j] == max(row); 0 for a row holding a NaN, or empty.
 
-    The max is found block by block (vectorised), remembering the first
-    block that reached it; only that block is searched entry by entry. A row
-    shorter than a block is one plain loop: the blocks' set-up would cost
-    more than the search.
+    The max is found block by block (:func:`block_max`), remembering the
+    first block that reached it; only that block is searched entry by entry.
+    The entries after the last full block (all of a short row) are one
+    plain loop.
     """
     n = row.shape[0]
-    if n < BLOCK:
-        top = 0
-        for j in range(n):
-            if row[j] != row[j]:
-                return 0
-            if row[j] > row[top]:
-                top = j
-        return top
+    full = (n // BLOCK) * BLOCK
     m = row.dtype.type(-np.inf)
     where = 0
-    for start in range(0, n, BLOCK):
-        block_max = row.dtype.type(-np.inf)
-        for j in range(start, min(start + BLOCK, n)):
-            block_max = maximum(block_max, row[j])
-        if block_max != block_max:
+    for start in range(0, full, BLOCK):
+        b = block_max(row, start, BLOCK)
+        if b != b:
             return 0
-        if block_max > m:
-            m = block_max
+        if b > m:
+            m = b
             where = start
+    top = -1
+    for j in range(full, n):
+        if row[j] != row[j]:
+            return 0
+        if row[j] > m:
+            m = row[j]
+            top = j
+    if top >= 0:
+        return top
     for j in range(where, min(where + BLOCK, n)):
         if row[j] == m:
             return j
