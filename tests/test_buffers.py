@@ -99,7 +99,8 @@ def test_the_oldest_free_buffer_makes_room_for_a_new_size():
     softgrad.softmax(x)  # the eighth buffer, free once dropped
     wider = np.concatenate([x, x], axis=1)
     out = softgrad.softmax(wider)
-    assert _buffers.held() == (_buffers.MAX_BUFFERS, (_buffers.MAX_BUFFERS - 1) * x.nbytes + wider.nbytes)
+    pad = _buffers.ALIGN
+    assert _buffers.held() == (_buffers.MAX_BUFFERS, (_buffers.MAX_BUFFERS - 1) * (x.nbytes + pad) + wider.nbytes + pad)
     assert all(not np.shares_memory(out, a) for a in live)
 
 
@@ -122,3 +123,9 @@ def test_threads_get_distinct_buffers():
         t.join()
     for got, want in zip(results, expected):
         np.testing.assert_array_equal(got, want)
+
+
+def test_pooled_outputs_start_on_a_cache_line():
+    # the streaming stores of large outputs need 64-byte aligned rows
+    for _ in range(3):
+        assert softgrad.softmax(_logits(0)).ctypes.data % _buffers.ALIGN == 0

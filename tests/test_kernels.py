@@ -241,6 +241,80 @@ def test_row_max_and_first_argmax_are_numpys(n, dtype, data):
 
 
 @compiled
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_exp_is_within_two_ulp_over_its_whole_range(dtype):
+    """The kernels' vectorised exp against np.exp computed in float64.
+
+    Within 2 ulp of the result where it is normal (the polynomial's ~1 ulp,
+    plus np.exp's own rounding for float64), within 1.5 smallest subnormals
+    where it is subnormal (one rounding, and np.exp's), inf past the largest
+    float, 0 below the smallest, NaN kept."""
+    from numba import njit
+
+    from softgrad.kernels._primitives import exp
+
+    @njit
+    def exp_all(z, out):
+        for j in range(z.shape[0]):
+            out[j] = exp(z[j])
+
+    info = np.finfo(dtype)
+    top = np.log(float(info.max))
+    bottom = np.log(float(info.smallest_subnormal))
+    z = np.concatenate([
+        np.linspace(bottom - 2.0, top + 2.0, 1_000_003),
+        np.linspace(-1.0, 1.0, 100_001),
+        [0.0, -0.0, np.inf, -np.inf, np.nan, top, bottom, float(info.max), float(info.min)],
+    ]).astype(dtype)
+    out = np.empty_like(z)
+    exp_all(z, out)
+    with np.errstate(over="ignore", under="ignore"):
+        expected = np.exp(z.astype(np.float64) if dtype == "float32" else z)
+        rounded = expected.astype(dtype)
+    _same_non_finite(out, rounded)
+    finite = np.isfinite(rounded)
+    error = np.abs(out[finite].astype(np.float64) - expected[finite])
+    normal = np.abs(rounded[finite]) >= info.tiny
+    spacing = np.spacing(rounded[finite].astype(dtype)).astype(np.float64)
+    assert np.all(error[normal] <= 2 * spacing[normal])
+    assert np.all(error[~normal] <= 1.5 * float(info.smallest_subnormal))
+
+
+def _aligned_like(x, offset):
+    """An uninitialised array like x whose data starts ``offset`` bytes past a 64-byte boundary."""
+    raw = np.empty(x.nbytes + 128, np.uint8)
+    start = -raw.ctypes.data % 64 + offset
+    return raw[start : start + x.nbytes].view(x.dtype).reshape(x.shape)
+
+
+@compiled
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_classes, offset", [(512, 0), (600, 0), (1024 + 16, 0), (512, 16), (255 + 256, 0)])
+def test_streamed_outputs_equal_cached_ones(dtype, n_classes, offset):
+    """The streaming stores of large outputs (``_rows.stream_row``) write what
+    ordinary stores write, on rows that start on a 64-byte boundary and on
+    rows that do not, in one band or several."""
+    from softgrad.kernels import _softmax
+
+    x = np.random.default_rng(n_classes).normal(0.0, 4.0, (7, n_classes)).astype(dtype)
+    dy = np.random.default_rng(1).normal(size=x.shape).astype(dtype)
+    y = kernels.softmax(x)
+    runs = {
+        "softmax": lambda out, *options: _softmax.softmax(x, None, out, *options),
+        "log_softmax": lambda out, *options: _softmax.log_softmax(x, None, np.finfo(dtype).min, out, *options),
+        "softmax_vjp": lambda out, *options: _softmax.softmax_vjp(y, dy, out, *options),
+    }
+    for name, run in runs.items():
+        cached = np.full_like(x, np.nan)
+        run(cached, False, 2)
+        for n_bands in (1, 3):
+            streamed = _aligned_like(x, offset)
+            streamed[...] = np.nan
+            run(streamed, True, n_bands)
+            np.testing.assert_array_equal(streamed, cached, err_msg=name)
+
+
+@compiled
 def test_empty_and_poisoned_rows():
     x = np.array([[-np.inf, -np.inf, -np.inf], [1.0, np.nan, -np.inf], [np.inf, 0.0, -np.inf]])
     np.testing.assert_array_equal(kernels.softmax(x)[0], 0.0)

@@ -33,6 +33,7 @@ import numpy as np
 # Below this, malloc hands freed memory back to the next allocation itself.
 MIN_BYTES = 1 << 22
 MAX_BUFFERS = 8
+ALIGN = 64
 
 _lock = threading.Lock()
 _buffers = []  # least recently used first
@@ -51,20 +52,30 @@ _FREE = _count_when_free()
 
 
 def empty(shape, dtype):
-    """An uninitialised array like ``np.empty(shape, dtype)``, pooled when large."""
+    """An uninitialised array like ``np.empty(shape, dtype)``, pooled when large.
+
+    A pooled array starts on a 64-byte boundary (``ALIGN``), as streaming
+    stores need (``_rows.stream_row``): a buffer has ``ALIGN`` bytes more
+    than it hands out, and the array starts at the first boundary in it.
+    """
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if nbytes < MIN_BYTES:
         return np.empty(shape, dtype)
     with _lock:
         for i in range(len(_buffers)):
-            if _buffers[i].nbytes == nbytes and _references(_buffers, i) == _FREE:
+            if _buffers[i].nbytes == nbytes + ALIGN and _references(_buffers, i) == _FREE:
                 _buffers.append(_buffers.pop(i))
-                return _buffers[-1].view(dtype).reshape(shape)
+                return _aligned(_buffers[-1], nbytes, dtype, shape)
         if len(_buffers) >= MAX_BUFFERS and not _drop_oldest_free():
             return np.empty(shape, dtype)
-        _buffers.append(np.empty(nbytes, np.uint8))
-        return _buffers[-1].view(dtype).reshape(shape)
+        _buffers.append(np.empty(nbytes + ALIGN, np.uint8))
+        return _aligned(_buffers[-1], nbytes, dtype, shape)
+
+
+def _aligned(buffer, nbytes, dtype, shape):
+    start = -buffer.ctypes.data % ALIGN
+    return buffer[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def _drop_oldest_free():

@@ -13,10 +13,11 @@ whose rounding matters (the shift, exp) lives in functions compiled without
 it, and numba keeps the flags per function.
 """
 
+import numba
 import numpy as np
 from numba import njit
 
-from ._primitives import block_max, exp, half, maximum, prefetch
+from ._primitives import address, block_max, exp, half, maximum, prefetch, stream_block
 
 BLOCK = 256
 _REDUCE = {"reassoc", "contract"}
@@ -194,3 +195,44 @@ def blocked_sum(entry, n, zero, args):
     for j in range(n_blocks * BLOCK, n):
         acc += entry(j, *args)
     return total + acc
+
+
+_LINE = 64  # bytes: the alignment ``stream_block`` needs
+
+
+@njit
+def stream_row(o, entry, args, block):
+    """``o[j] = entry(j, *args)`` for every j, streamed past the caches.
+
+    The entries are computed a block at a time into ``block`` (a scratch
+    array of BLOCK entries of o's dtype, which stays in L1) and then written
+    with non-temporal stores (:func:`stream_block`): nothing reads the
+    output's lines first. For outputs larger than the caches. Only a row
+    that starts on a 64-byte boundary is streamed (every row, where the
+    output does and a row is a whole number of lines); the others, and the
+    entries after a row's last full block, are ordinary stores. (Streaming
+    from the first boundary inside a row instead made LLVM compile the
+    block loop a third slower.) Call ``store_fence()`` after the last row.
+    """
+    n = o.shape[0]
+    start = 0
+    if address(o) % _LINE == 0:
+        while start + BLOCK <= n:
+            for k in range(BLOCK):
+                block[k] = entry(start + k, *args)
+            stream_block(block, o, start, BLOCK)
+            start += BLOCK
+    for j in range(start, n):
+        o[j] = entry(j, *args)
+
+
+@njit
+def band_rows(band, n_bands, n_rows):
+    """(first, stop) of the rows of band ``band`` of ``n_bands`` consecutive bands.
+
+    A kernel that streams its output runs its bands in parallel, one a
+    thread, and fences once at the end of each: the fence waits for the
+    streamed stores to reach memory, and once a row it would cost a third
+    of the row's time.
+    """
+    return band * n_rows // n_bands, (band + 1) * n_rows // n_bands

@@ -1,8 +1,10 @@
 """Kernels of the softmax family on (rows, C) C-contiguous arrays.
 
 Each mirrors a body of ``softgrad._maths`` (named in its docstring) on one
-row at a time, rows in parallel; outputs are written in place into ``out``.
-``t`` is the temperature, None for 1. Rows must have C >= 1.
+row at a time, bands of rows in parallel; outputs are written in place into
+``out``. ``t`` is the temperature, None for 1. Rows must have C >= 1. The
+kernels whose output may be larger than the caches take ``stream`` (write
+it with streaming stores) and ``n_bands``, as :func:`softmax` explains.
 """
 
 import math
@@ -10,38 +12,85 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._primitives import exp
-from ._rows import blocked_sum, first_argmax, max_and_shift, shifted, sum_exp
+from ._primitives import exp, store_fence
+from ._rows import (
+    BLOCK,
+    band_rows,
+    blocked_sum,
+    first_argmax,
+    max_and_shift,
+    shifted,
+    stream_row,
+    sum_exp,
+)
+
+
+@njit
+def _scaled(j, e, r):
+    return e[j] * r
 
 
 @njit(parallel=True, cache=True)
-def softmax(x, t, out):
-    """``_maths.softmax`` without a mask: e^z / Σ e^z, 0 for an empty row."""
+def softmax(x, t, out, stream, n_bands):
+    """``_maths.softmax`` without a mask: e^z / Σ e^z, 0 for an empty row.
+
+    ``stream``: write ``out`` with streaming stores (:func:`_rows.stream_row`),
+    the e^z of a row held in a scratch row meanwhile. ``n_bands``: how many
+    bands of rows run in parallel (:func:`_rows.band_rows`).
+    """
     no_saturation = x.dtype.type(-np.inf)  # exp(-inf) = exp(lowest) = 0
     one = x.dtype.type(1)
-    for i in prange(x.shape[0]):
-        row, o = x[i], out[i]
-        _, m = max_and_shift(row)
-        below, n_top = sum_exp(row, m, t, no_saturation, o, x[min(i + 1, x.shape[0] - 1)])
-        s = x.dtype.type(below + n_top)
-        # One division and C products: a vector division does not pipeline,
-        # and the extra rounding stays within the few the tolerances allow.
-        r = one / (one if s == 0 else s)
-        for j in range(row.shape[0]):
-            o[j] = o[j] * r
+    n_rows, n = x.shape
+    for band in prange(n_bands):
+        e = np.empty(n if stream else 0, x.dtype)
+        block = np.empty(BLOCK if stream else 0, x.dtype)
+        first, stop = band_rows(band, n_bands, n_rows)
+        for i in range(first, stop):
+            row, o = x[i], out[i]
+            _, m = max_and_shift(row)
+            ahead = x[min(i + 1, stop - 1)]
+            if stream:
+                below, n_top = sum_exp(row, m, t, no_saturation, e, ahead)
+            else:
+                below, n_top = sum_exp(row, m, t, no_saturation, o, ahead)
+            s = x.dtype.type(below + n_top)
+            # One division and C products: a vector division does not pipeline,
+            # and the extra rounding stays within the few the tolerances allow.
+            r = one / (one if s == 0 else s)
+            if stream:
+                stream_row(o, _scaled, (e, r), block)
+            else:
+                for j in range(n):
+                    o[j] = o[j] * r
+        if stream:
+            store_fence()
+
+
+@njit
+def _log_entry(j, row, m, t, lowest, lse):
+    return shifted(row[j], m, t, lowest) - lse
 
 
 @njit(parallel=True, cache=True)
-def log_softmax(x, t, lowest, out):
+def log_softmax(x, t, lowest, out, stream, n_bands):
     """``_maths.log_softmax`` without a mask: z - log1p(Σ_{z<0} e^z + n_top - 1)."""
-    for i in prange(x.shape[0]):
-        row, o = x[i], out[i]
-        _, m = max_and_shift(row)
-        below, n_top = sum_exp(row, m, t, lowest, None, x[min(i + 1, x.shape[0] - 1)])
-        lse = math.log1p(below + (n_top - 1.0))
-        lse = x.dtype.type(0.0 if lse == -np.inf else lse)
-        for j in range(row.shape[0]):
-            o[j] = shifted(row[j], m, t, lowest) - lse
+    n_rows, n = x.shape
+    for band in prange(n_bands):
+        block = np.empty(BLOCK if stream else 0, x.dtype)
+        first, stop = band_rows(band, n_bands, n_rows)
+        for i in range(first, stop):
+            row, o = x[i], out[i]
+            _, m = max_and_shift(row)
+            below, n_top = sum_exp(row, m, t, lowest, None, x[min(i + 1, stop - 1)])
+            lse = math.log1p(below + (n_top - 1.0))
+            lse = x.dtype.type(0.0 if lse == -np.inf else lse)
+            if stream:
+                stream_row(o, _log_entry, (row, m, t, lowest, lse), block)
+            else:
+                for j in range(n):
+                    o[j] = _log_entry(j, row, m, t, lowest, lse)
+        if stream:
+            store_fence()
 
 
 @njit
@@ -49,16 +98,30 @@ def _shifted_product(j, y, dy, d_top):
     return (dy[j] - d_top) * y[j]
 
 
+@njit
+def _vjp_entry(j, y, dy, d_top, total):
+    return y[j] * ((dy[j] - d_top) - total)
+
+
 @njit(parallel=True, cache=True)
-def softmax_vjp(y, dy, out):
+def softmax_vjp(y, dy, out, stream, n_bands):
     """``_maths.softmax_vjp``: y (d - Σ d y) with d = dy - dy[argmax y]."""
     zero = y.dtype.type(0)
-    for i in prange(y.shape[0]):
-        yr, dyr, o = y[i], dy[i], out[i]
-        d_top = dyr[first_argmax(yr)]
-        total = y.dtype.type(blocked_sum(_shifted_product, yr.shape[0], zero, (yr, dyr, d_top)))
-        for j in range(yr.shape[0]):
-            o[j] = yr[j] * ((dyr[j] - d_top) - total)
+    n_rows, n = y.shape
+    for band in prange(n_bands):
+        block = np.empty(BLOCK if stream else 0, y.dtype)
+        first, stop = band_rows(band, n_bands, n_rows)
+        for i in range(first, stop):
+            yr, dyr, o = y[i], dy[i], out[i]
+            d_top = dyr[first_argmax(yr)]
+            total = y.dtype.type(blocked_sum(_shifted_product, n, zero, (yr, dyr, d_top)))
+            if stream:
+                stream_row(o, _vjp_entry, (yr, dyr, d_top, total), block)
+            else:
+                for j in range(n):
+                    o[j] = _vjp_entry(j, yr, dyr, d_top, total)
+        if stream:
+            store_fence()
 
 
 @njit
