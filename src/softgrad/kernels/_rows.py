@@ -54,12 +54,18 @@ def shifted(x, m, t, lowest):
     halved before the division (exactly) and doubled after, so that a T > 1
     brings a difference beyond the float range back into it. A finite x next
     to a huge max must not become -inf, which would mean absent.
+
+    ``lowest`` None: no saturation, for the callers that only exponentiate
+    z, where e^-inf = e^lowest = 0 (the softmax). Both tests then compile
+    away, a tenth of the softmax's exponential pass.
     """
     if t is None:
         z = x - m
     else:
         z = (half(x) - half(m)) / t
         z = z + z
+    if lowest is None:
+        return z
     z = lowest if z < lowest else z
     return x if x == -np.inf else z
 
@@ -106,6 +112,35 @@ def sum_exp(row, m, t, lowest, out, ahead=None):
         b += e
         c += top
     return below + b, n_top + c
+
+
+@njit(fastmath=_REDUCE)
+def exp_total(row, m, t, out, ahead):
+    """Σ e^z in float64, with e^z stored in ``out``; z unsaturated (``shifted``'s None).
+
+    For the softmax, which needs only the sum: a max entry's e^0 = 1 is
+    summed with the rest instead of counted apart as in :func:`sum_exp`,
+    whose tie count costs a tenth of the pass. The float32 block sums then
+    round relative to a sum near 1 rather than to the part below it, which
+    is all the division by it needs. ``ahead`` is prefetched as there.
+    """
+    total = 0.0
+    n_blocks = row.shape[0] // BLOCK
+    for block in range(n_blocks):
+        prefetch_block(ahead, block * BLOCK)
+        b = row.dtype.type(0)
+        for k in range(BLOCK):
+            j = block * BLOCK + k
+            e = exp(shifted(row[j], m, t, None))
+            out[j] = e
+            b += e
+        total += b
+    b = row.dtype.type(0)
+    for j in range(n_blocks * BLOCK, row.shape[0]):
+        e = exp(shifted(row[j], m, t, None))
+        out[j] = e
+        b += e
+    return total + b
 
 
 @njit(fastmath=_REDUCE)

@@ -17,6 +17,7 @@ from ._rows import (
     BLOCK,
     band_rows,
     blocked_sum,
+    exp_total,
     first_argmax,
     max_and_shift,
     shifted,
@@ -38,7 +39,6 @@ def softmax(x, t, out, stream, n_bands):
     the e^z of a row held in a scratch row meanwhile. ``n_bands``: how many
     bands of rows run in parallel (:func:`_rows.band_rows`).
     """
-    no_saturation = x.dtype.type(-np.inf)  # exp(-inf) = exp(lowest) = 0
     one = x.dtype.type(1)
     n_rows, n = x.shape
     for band in prange(n_bands):
@@ -50,10 +50,9 @@ def softmax(x, t, out, stream, n_bands):
             _, m = max_and_shift(row)
             ahead = x[min(i + 1, stop - 1)]
             if stream:
-                below, n_top = sum_exp(row, m, t, no_saturation, e, ahead)
+                s = x.dtype.type(exp_total(row, m, t, e, ahead))
             else:
-                below, n_top = sum_exp(row, m, t, no_saturation, o, ahead)
-            s = x.dtype.type(below + n_top)
+                s = x.dtype.type(exp_total(row, m, t, o, ahead))
             # One division and C products: a vector division does not pipeline,
             # and the extra rounding stays within the few the tolerances allow.
             r = one / (one if s == 0 else s)
