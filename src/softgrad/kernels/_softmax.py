@@ -35,33 +35,38 @@ def _scaled(j, e, r):
 def softmax(x, t, out, stream, n_bands):
     """``_maths.softmax`` without a mask: e^z / Σ e^z, 0 for an empty row.
 
-    ``stream``: write ``out`` with streaming stores (:func:`_rows.stream_row`),
-    the e^z of a row held in a scratch row meanwhile. ``n_bands``: how many
+    ``stream``: write ``out`` with streaming stores (:func:`_rows.stream_row`).
+    A row's e^z then go to one of two scratch rows, and its output is
+    written during the next row's exponentials (``exp_total``'s
+    ``behind``), the band's last row after them. ``n_bands``: how many
     bands of rows run in parallel (:func:`_rows.band_rows`).
     """
     one = x.dtype.type(1)
     n_rows, n = x.shape
     for band in prange(n_bands):
-        e = np.empty(n if stream else 0, x.dtype)
+        e = np.empty((2, n if stream else 0), x.dtype)
         block = np.empty(BLOCK if stream else 0, x.dtype)
         first, stop = band_rows(band, n_bands, n_rows)
+        r = one
         for i in range(first, stop):
             row, o = x[i], out[i]
             _, m = max_and_shift(row)
             ahead = x[min(i + 1, stop - 1)]
-            if stream:
-                s = x.dtype.type(exp_total(row, m, t, e, ahead))
+            if not stream:
+                s = exp_total(row, m, t, o, ahead)
+            elif i == first:
+                s = exp_total(row, m, t, e[i % 2], ahead)
             else:
-                s = x.dtype.type(exp_total(row, m, t, o, ahead))
+                s = exp_total(row, m, t, e[i % 2], ahead, (out[i - 1], e[(i - 1) % 2], r, block))
+            s = x.dtype.type(s)
             # One division and C products: a vector division does not pipeline,
             # and the extra rounding stays within the few the tolerances allow.
             r = one / (one if s == 0 else s)
-            if stream:
-                stream_row(o, _scaled, (e, r), block)
-            else:
+            if not stream:
                 for j in range(n):
                     o[j] = o[j] * r
-        if stream:
+        if stream and stop > first:
+            stream_row(out[stop - 1], _scaled, (e[(stop - 1) % 2], r), block)
             store_fence()
 
 
