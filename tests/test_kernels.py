@@ -353,6 +353,30 @@ def test_numba_is_imported_on_first_use_only():
     assert _run(code, SOFTGRAD_PURE_NUMPY="0") == f"False {numba_installed}"
 
 
+@compiled
+def test_the_long_row_kernels_can_be_cached(tmp_path):
+    """A kernel numba cannot cache is compiled again in every process (seconds
+    on the first call). Regression: a division that could raise, in a
+    function passed on as a first-class function, made log_softmax with a
+    temperature uncacheable."""
+    code = (
+        "import warnings, numpy as np\n"
+        "from numba.core.errors import NumbaWarning\n"
+        "warnings.simplefilter('error', NumbaWarning)\n"
+        "from softgrad import kernels\n"
+        "from softgrad.kernels import _softmax\n"
+        "x = np.random.default_rng(0).normal(size=(3, 300))\n"
+        "for t in (1.0, 2.0):\n"
+        "    for dtype in ('float32', 'float64'):\n"
+        "        a = x.astype(dtype); out = np.empty_like(a); t_ = None if t == 1.0 else a.dtype.type(t)\n"
+        "        _softmax.softmax(a, t_, out, True, 2)\n"
+        "        _softmax.log_softmax(a, t_, np.finfo(dtype).min, out, True, 2)\n"
+        "        _softmax.softmax_vjp(a, a, out, True, 2)\n"
+        "print('cached')"
+    )
+    assert _run(code, NUMBA_CACHE_DIR=str(tmp_path)) == "cached"
+
+
 @pytest.fixture
 def calls(monkeypatch):
     """Names of the kernels that the public functions call."""

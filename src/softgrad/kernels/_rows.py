@@ -46,7 +46,10 @@ def max_and_shift(row):
     return raw, (row.dtype.type(0) if raw == -np.inf else raw)
 
 
-@njit
+# error_model="numpy": t > 0 is validated, and Python's ZeroDivisionError
+# check would be a branch in every loop that divides (and a raise that keeps
+# the kernels that pass ``shifted`` on as a first-class function from caching).
+@njit(error_model="numpy")
 def shifted(x, m, t, lowest):
     """z = (x - m) / t saturated at ``lowest``; -inf (absent) stays -inf.
 
