@@ -293,7 +293,8 @@ def _aligned_like(x, offset):
 def test_streamed_outputs_equal_cached_ones(dtype, n_classes, offset):
     """The streaming stores of large outputs (``_rows.stream_row``) write what
     ordinary stores write, on rows that start on a 64-byte boundary and on
-    rows that do not, in one band or several."""
+    rows that do not, in one band or several; the softmax also across its
+    overlapped writes of the previous row."""
     from softgrad.kernels import _softmax
 
     x = np.random.default_rng(n_classes).normal(0.0, 4.0, (7, n_classes)).astype(dtype)
@@ -304,11 +305,15 @@ def test_streamed_outputs_equal_cached_ones(dtype, n_classes, offset):
         "log_softmax": lambda out, *options: _softmax.log_softmax(x, None, np.finfo(dtype).min, out, *options),
         "softmax_vjp": lambda out, *options: _softmax.softmax_vjp(y, dy, out, *options),
     }
+    like = {name: x for name in runs}
+    for t in (None, x.dtype.type(2.0)):
+        runs[f"softmax_jacobian T={t}"] = lambda out, *options, t=t: _softmax.softmax_jacobian(y, t, out, *options)
+        like[f"softmax_jacobian T={t}"] = np.empty(x.shape + x.shape[-1:], dtype)
     for name, run in runs.items():
-        cached = np.full_like(x, np.nan)
+        cached = np.full_like(like[name], np.nan)
         run(cached, False, 2)
         for n_bands in (1, 3):
-            streamed = _aligned_like(x, offset)
+            streamed = _aligned_like(like[name], offset)
             streamed[...] = np.nan
             run(streamed, True, n_bands)
             np.testing.assert_array_equal(streamed, cached, err_msg=name)
@@ -372,6 +377,7 @@ def test_the_long_row_kernels_can_be_cached(tmp_path):
         "        _softmax.softmax(a, t_, out, True, 2)\n"
         "        _softmax.log_softmax(a, t_, np.finfo(dtype).min, out, True, 2)\n"
         "        _softmax.softmax_vjp(a, a, out, True, 2)\n"
+        "        _softmax.softmax_jacobian(a, t_, np.empty(a.shape + a.shape[-1:], dtype), True, 2)\n"
         "print('cached')"
     )
     assert _run(code, NUMBA_CACHE_DIR=str(tmp_path)) == "cached"

@@ -190,7 +190,9 @@ def softmax_jacobian(y, temperature=1.0):
     """``y_i (delta_ij - y_j) / T`` for each row of ``y`` (rows, C): shape (rows, C, C)."""
     out = _buffers.empty(y.shape + y.shape[-1:], y.dtype)
     if y.size:
-        _launch(_module("softmax").softmax_jacobian, out.size, y, _t(y, temperature), out)
+        bands = max(1, min(y.size, _compiled["numba"].get_num_threads()))
+        _launch(_module("softmax").softmax_jacobian, out.size, y, _t(y, temperature), out,
+                out.nbytes >= _STREAM_MIN, bands)
     return out
 
 

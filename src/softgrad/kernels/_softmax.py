@@ -152,18 +152,39 @@ def log_softmax_vjp(logp, g, out):
         o[top] = -blocked_sum(_except, n, zero, (o, top))
 
 
+@njit(error_model="numpy")
+def _jacobian_entry(j, y, i, y_i, t):
+    # y_i (delta_ij - y_j): -(y_i y_j) off the diagonal, exactly
+    v = y_i * ((y.dtype.type(1) if j == i else y.dtype.type(0)) - y[j])
+    return v if t is None else v / t
+
+
 @njit(parallel=True, cache=True)
-def softmax_jacobian(y, t, out):
-    """``_maths.softmax_jacobian``: out[n, i, j] = y_i (delta_ij - y_j) / t."""
+def softmax_jacobian(y, t, out, stream, n_bands):
+    """``_maths.softmax_jacobian``: out[n, i, j] = y_i (delta_ij - y_j) / t.
+
+    The bands split the N·C output rows, one per (n, i). Streamed, an
+    entry is computed on its own (``_jacobian_entry``); otherwise the row is
+    filled with -(y_i y_j) and its diagonal set after, which vectorises.
+    """
     n_rows, n_classes = y.shape
+    n_out = n_rows * n_classes
     one = y.dtype.type(1)
-    for k in prange(n_rows * n_classes):
-        n, i = k // n_classes, k % n_classes
-        yr, o = y[n], out[n, i]
-        yi = yr[i]
-        for j in range(n_classes):
-            o[j] = -(yi * yr[j])
-        o[i] = yi * (one - yi)
-        if t is not None:
+    for band in prange(n_bands):
+        block = np.empty(BLOCK if stream else 0, y.dtype)
+        first, stop = band_rows(band, n_bands, n_out)
+        for k in range(first, stop):
+            n, i = k // n_classes, k % n_classes
+            yr, o = y[n], out[n, i]
+            y_i = yr[i]
+            if stream:
+                stream_row(o, _jacobian_entry, (yr, i, y_i, t), block)
+                continue
             for j in range(n_classes):
-                o[j] = o[j] / t
+                o[j] = -(y_i * yr[j])
+            o[i] = y_i * (one - y_i)
+            if t is not None:
+                for j in range(n_classes):
+                    o[j] = o[j] / t
+        if stream:
+            store_fence()
