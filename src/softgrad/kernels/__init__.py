@@ -246,8 +246,8 @@ def _run_cross_entropy(x, labels, weight, ignore_index, eps, z_loss, reduction, 
         if soft:
             _launch(_module("cross_entropy").with_soft_labels, x.size, x, labels, weight, *options)
         else:
-            kernels, work, _ = _for_rows(x, "cross_entropy")
-            _launch(kernels.with_labels, work, x, labels, weight, ignore_index, *options)
+            kernels, work, extra = _for_rows(x, "cross_entropy")
+            _launch(kernels.with_labels, work, x, labels, weight, ignore_index, *options, *extra)
     if reduction == "none":
         return per_example.astype(x.dtype), grad
     if scale == 0:

@@ -24,7 +24,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._rows import blocked_sum, max_and_shift, shifted, sum_exp, sum_stored
+from ._primitives import store_fence, stream_block
+from ._rows import BLOCK, band_rows, blocked_sum, max_and_shift, shifted, streamed_blocks, sum_exp, sum_stored
 
 
 @njit
@@ -55,43 +56,64 @@ def _targets(row, m, lowest, label, soft_row, weight, a, b):
 
 
 @njit
-def _grad_row(row, top_value, g, label, soft_row, weight, a, b, coef, scale, s_q, top_extra, absent, dense):
+def _grad_row(row, top_value, g, e, label, soft_row, weight, a, b, coef, scale, s_q, top_extra, absent, dense,
+              block):
     """g <- (coef e - q) scale, with max and absent entries written as above.
 
-    ``g`` holds e^z on entry. Without smoothing or soft labels q is one-hot,
-    so only the label entry needs q; ``dense`` says whether every entry does.
+    ``e`` holds e^z; it may be ``g`` itself (each entry is read before it is
+    written). Without smoothing or soft labels q is one-hot, so only the
+    label entry needs q; ``dense`` says whether every entry does. ``block``:
+    None, or a scratch block for writing g with streaming stores
+    (``_rows.stream_row``).
     """
-    e_label = g[label]
-    for j in range(row.shape[0]):
-        q = _q(j, row, label, soft_row, weight, a, b) if dense else g.dtype.type(0)
-        _grad_entry(g, j, row[j], g[j], q, top_value, coef, scale, s_q, top_extra, absent)
-    if not dense:
-        q = _q(label, row, label, soft_row, weight, a, b)
-        _grad_entry(g, label, row[label], e_label, q, top_value, coef, scale, s_q, top_extra, absent)
+    q_label = _q(label, row, label, soft_row, weight, a, b)
+    args = (row, e, label, q_label, soft_row, weight, a, b, top_value, coef, scale, s_q, top_extra, absent, dense)
+    # stream_row's loops, written out: passed to it as a function value from
+    # here, _grad_value kept the kernel from being cached (numba embeds the
+    # address of a function value it cannot inline away).
+    n_streamed = 0
+    if block is not None:
+        n_streamed = streamed_blocks(g)
+        for blk in range(n_streamed):
+            for k in range(BLOCK):
+                block[k] = _grad_value(blk * BLOCK + k, *args)
+            stream_block(block, g, blk * BLOCK, BLOCK)
+    for j in range(n_streamed * BLOCK, row.shape[0]):
+        g[j] = _grad_value(j, *args)
 
 
 @njit
-def _grad_entry(g, j, x, e, q, top_value, coef, scale, s_q, top_extra, absent):
-    dtype = g.dtype.type
-    v = dtype(coef) * e - q
+def _grad_value(j, row, e, label, q_label, soft_row, weight, a, b, top_value, coef, scale, s_q, top_extra, absent,
+                dense):
+    dtype = row.dtype.type
+    if dense:
+        q = _q(j, row, label, soft_row, weight, a, b)
+    else:
+        q = q_label if j == label else dtype(0)
+    x = row[j]
+    v = dtype(coef) * e[j] - q
     # (S - q) first: for a confident correct row it is exactly 0.
     v = dtype((s_q - q) + top_extra) if x == top_value else v
     v = dtype(absent) if x == -np.inf else v
-    g[j] = v * dtype(scale)
+    return v * dtype(scale)
 
 
 @njit
-def _example(row, g, label, soft_row, weight, a, b, valid, z_loss, scale, lowest, ahead, e_ready):
+def _example(row, g, label, soft_row, weight, a, b, valid, z_loss, scale, lowest, ahead, e_ready, stream=None):
     """The loss of one example; writes its gradient into ``g`` unless None; prefetches ``ahead``.
 
     ``e_ready``: ``g`` already holds e^z (``_short.py``), so the row's sum is
-    taken from it instead of exponentiating again.
+    taken from it instead of exponentiating again. ``stream``: None, or
+    ``(e, block)``, scratch for the row's e^z and a block: the gradient is
+    then written with streaming stores.
     """
     raw_max, m = max_and_shift(row)
     if g is None:
         below, n_top = sum_exp(row, m, None, lowest, None, ahead)
     elif e_ready:
         below, n_top = sum_stored(row, m, None, lowest, g)
+    elif stream is not None:
+        below, n_top = sum_exp(row, m, None, lowest, stream[0], ahead)
     else:
         below, n_top = sum_exp(row, m, None, lowest, g, ahead)
     e_total = below + n_top
@@ -124,7 +146,12 @@ def _example(row, g, label, soft_row, weight, a, b, valid, z_loss, scale, lowest
         absent = 0.0 if z_loss == 0 else zc * (0.0 * inv)
         confident = math.isfinite(raw_max) and rest < 1.0
         top_value = raw_max if confident else row.dtype.type(np.nan)
-        _grad_row(row, top_value, g, label, soft_row, weight, a, b, coef, scale, s_q, top_extra, absent, dense)
+        if stream is None:
+            _grad_row(row, top_value, g, g, label, soft_row, weight, a, b, coef, scale, s_q, top_extra, absent,
+                      dense, None)
+        else:
+            _grad_row(row, top_value, g, stream[0], label, soft_row, weight, a, b, coef, scale, s_q, top_extra,
+                      absent, dense, stream[1])
     return loss
 
 
@@ -138,15 +165,28 @@ def label_targets(label, ignore_index, a, b):
 
 
 @njit(parallel=True, cache=True)
-def with_labels(x, labels, weight, ignore_index, a, b, z_loss, scale, lowest, loss, grad):
-    """Cross-entropy with integer labels."""
-    for i in prange(x.shape[0]):
-        label, ai, bi, v = label_targets(labels[i], ignore_index, a, b)
-        ahead = x[min(i + 1, x.shape[0] - 1)]
-        if grad is None:
-            loss[i] = _example(x[i], None, label, None, weight, ai, bi, v, z_loss, scale, lowest, ahead, False)
-        else:
-            loss[i] = _example(x[i], grad[i], label, None, weight, ai, bi, v, z_loss, scale, lowest, ahead, False)
+def with_labels(x, labels, weight, ignore_index, a, b, z_loss, scale, lowest, loss, grad, stream, n_bands):
+    """Cross-entropy with integer labels; ``stream`` and ``n_bands`` as in
+    ``_softmax.softmax``: each row's e^z go to a scratch row, and the
+    gradient is written from it with streaming stores."""
+    n_rows, n = x.shape
+    streaming = stream and grad is not None
+    for band in prange(n_bands):
+        e = np.empty(n if streaming else 0, x.dtype)
+        block = np.empty(BLOCK if streaming else 0, x.dtype)
+        first, stop = band_rows(band, n_bands, n_rows)
+        for i in range(first, stop):
+            label, ai, bi, v = label_targets(labels[i], ignore_index, a, b)
+            ahead = x[min(i + 1, stop - 1)]
+            if grad is None:
+                loss[i] = _example(x[i], None, label, None, weight, ai, bi, v, z_loss, scale, lowest, ahead, False)
+            elif streaming:
+                loss[i] = _example(x[i], grad[i], label, None, weight, ai, bi, v, z_loss, scale, lowest, ahead, False,
+                                   (e, block))
+            else:
+                loss[i] = _example(x[i], grad[i], label, None, weight, ai, bi, v, z_loss, scale, lowest, ahead, False)
+        if streaming:
+            store_fence()
 
 
 @njit(parallel=True, cache=True)

@@ -139,7 +139,7 @@ def exp_total(row, m, t, out, ahead, behind=None):
     streamed = 0
     if behind is not None:
         o, e_behind, r, scratch = behind
-        streamed = n_blocks if address(o) % _LINE == 0 else 0
+        streamed = streamed_blocks(o)
     for block in range(n_blocks):
         prefetch_block(ahead, block * BLOCK)
         if behind is not None:
@@ -270,16 +270,20 @@ def stream_row(o, entry, args, block):
     from the first boundary inside a row instead made LLVM compile the
     block loop a third slower.) Call ``store_fence()`` after the last row.
     """
-    n = o.shape[0]
-    start = 0
-    if address(o) % _LINE == 0:
-        while start + BLOCK <= n:
-            for k in range(BLOCK):
-                block[k] = entry(start + k, *args)
-            stream_block(block, o, start, BLOCK)
-            start += BLOCK
-    for j in range(start, n):
+    n_streamed = streamed_blocks(o)
+    for b in range(n_streamed):
+        for k in range(BLOCK):
+            block[k] = entry(b * BLOCK + k, *args)
+        stream_block(block, o, b * BLOCK, BLOCK)
+    for j in range(n_streamed * BLOCK, o.shape[0]):
         o[j] = entry(j, *args)
+
+
+@njit
+def streamed_blocks(o):
+    """How many of o's full blocks :func:`stream_row` streams: all of them
+    when o starts on a 64-byte boundary, else none."""
+    return o.shape[0] // BLOCK if address(o) % _LINE == 0 else 0
 
 
 @njit
