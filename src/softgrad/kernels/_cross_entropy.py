@@ -24,8 +24,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._primitives import store_fence, stream_block
-from ._rows import BLOCK, band_rows, blocked_sum, max_and_shift, shifted, streamed_blocks, sum_exp, sum_stored
+from ._primitives import store_fence
+from ._rows import BLOCK, band_rows, blocked_sum, max_and_shift, shifted, stream_row, sum_exp, sum_stored
 
 
 @njit
@@ -68,18 +68,11 @@ def _grad_row(row, top_value, g, e, label, soft_row, weight, a, b, coef, scale, 
     """
     q_label = _q(label, row, label, soft_row, weight, a, b)
     args = (row, e, label, q_label, soft_row, weight, a, b, top_value, coef, scale, s_q, top_extra, absent, dense)
-    # stream_row's loops, written out: passed to it as a function value from
-    # here, _grad_value kept the kernel from being cached (numba embeds the
-    # address of a function value it cannot inline away).
-    n_streamed = 0
-    if block is not None:
-        n_streamed = streamed_blocks(g)
-        for blk in range(n_streamed):
-            for k in range(BLOCK):
-                block[k] = _grad_value(blk * BLOCK + k, *args)
-            stream_block(block, g, blk * BLOCK, BLOCK)
-    for j in range(n_streamed * BLOCK, row.shape[0]):
-        g[j] = _grad_value(j, *args)
+    if block is None:
+        for j in range(row.shape[0]):
+            g[j] = _grad_value(j, *args)
+    else:
+        stream_row(g, _grad_value, args, block)
 
 
 @njit

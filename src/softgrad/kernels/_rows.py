@@ -256,7 +256,7 @@ def blocked_sum(entry, n, zero, args):
 
 
 
-@njit
+@njit(inline="always")
 def stream_row(o, entry, args, block):
     """``o[j] = entry(j, *args)`` for every j, streamed past the caches.
 
