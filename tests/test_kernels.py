@@ -320,6 +320,20 @@ def test_streamed_outputs_equal_cached_ones(dtype, n_classes, offset):
 
 
 @compiled
+@pytest.mark.parametrize("n_classes", [1, 3, 300])
+def test_log_softmax_vjp_keeps_a_nan_at_the_argmax(n_classes):
+    # Regression: the argmax entry is minus the sum of the others, which
+    # turned a NaN there into a finite number (into 0 for one class).
+    logp = np.full((2, n_classes), -3.0)
+    logp[:, 0] = np.nan
+    g = np.random.default_rng(0).normal(size=logp.shape)
+    out = kernels.log_softmax_vjp(logp, g)
+    expected = _pure(_maths.log_softmax_vjp, logp, g)
+    _same_non_finite(out, expected)
+    assert np.isnan(out[:, 0]).all()
+
+
+@compiled
 def test_empty_and_poisoned_rows():
     x = np.array([[-np.inf, -np.inf, -np.inf], [1.0, np.nan, -np.inf], [np.inf, 0.0, -np.inf]])
     np.testing.assert_array_equal(kernels.softmax(x)[0], 0.0)

@@ -108,7 +108,8 @@ def log_softmax_vjp(logp, g, out):
             for j in range(n):
                 if j != top:
                     others += o[j]
-            o[top] = -others
+            # a NaN at the argmax (first_argmax's 0 for a row with a NaN) stays NaN
+            o[top] = lr[top] if lr[top] != lr[top] else -others
 
 
 @njit(parallel=True, cache=True)

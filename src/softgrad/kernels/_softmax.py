@@ -149,7 +149,8 @@ def log_softmax_vjp(logp, g, out):
         for j in range(n):
             o[j] = zero if lr[j] == -np.inf else gr[j] - exp(lr[j]) * total
         top = first_argmax(lr)
-        o[top] = -blocked_sum(_except, n, zero, (o, top))
+        # a NaN at the argmax (first_argmax's 0 for a row with a NaN) stays NaN
+        o[top] = lr[top] if lr[top] != lr[top] else -blocked_sum(_except, n, zero, (o, top))
 
 
 @njit(error_model="numpy")
