@@ -146,8 +146,12 @@ def _for_rows(x, name):
     short = _module("short")
     if x.shape[-1] < short.SHORT:
         return short, x.size * _SHORT_COST, ()
-    bands = max(1, min(x.shape[0], _compiled["numba"].get_num_threads()))
-    return _module(name), x.size, (x.nbytes >= _STREAM_MIN, bands)
+    return _module(name), x.size, (x.nbytes >= _STREAM_MIN, _bands(x.shape[0]))
+
+
+def _bands(n_rows):
+    """Bands of rows a long-row kernel splits ``n_rows`` rows into: one a thread."""
+    return max(1, min(n_rows, _compiled["numba"].get_num_threads()))
 
 
 def softmax(x, temperature=1.0):
@@ -190,9 +194,9 @@ def softmax_jacobian(y, temperature=1.0):
     """``y_i (delta_ij - y_j) / T`` for each row of ``y`` (rows, C): shape (rows, C, C)."""
     out = _buffers.empty(y.shape + y.shape[-1:], y.dtype)
     if y.size:
-        bands = max(1, min(y.size, _compiled["numba"].get_num_threads()))
+        # one output row per (n, i)
         _launch(_module("softmax").softmax_jacobian, out.size, y, _t(y, temperature), out,
-                out.nbytes >= _STREAM_MIN, bands)
+                out.nbytes >= _STREAM_MIN, _bands(y.size))
     return out
 
 

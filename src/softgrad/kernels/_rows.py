@@ -254,8 +254,6 @@ def blocked_sum(entry, n, zero, args):
     return total + acc
 
 
-
-
 @njit(inline="always")
 def stream_row(o, entry, args, block):
     """``o[j] = entry(j, *args)`` for every j, streamed past the caches.
