@@ -202,6 +202,28 @@ def test_blocked_argmax_finds_a_max():
     np.testing.assert_array_equal(x[ordinary, plain], row_max)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_sum_except_leaves_the_entry_out(tf_run, dtype):
+    """The blocked sum without one entry per row has the precision of a sum
+    of the others: a huge entry left out does not swamp them. The entries
+    sit first, last, and in the first or last row or column of the layout."""
+    cols = WIDE // fused._block_size(WIDE)
+    index = np.array([0, WIDE - 1, cols - 1, WIDE - cols, 5 * cols + 7, 3])[:, None]
+    rng = np.random.default_rng(6)
+    a = rng.uniform(1.0, 2.0, size=(len(index), WIDE)) * 1e-6
+    np.put_along_axis(a, index, 1e30, axis=-1)
+    a[-1, 9] = np.nan  # a NaN elsewhere spoils its row's sum
+    a = a.astype(dtype)
+    out = tf_run(fused.sum_except, a, index.astype(np.int32))
+    expected = np.sum(np.where(np.arange(WIDE) == index, 0.0, a.astype(np.float64)), axis=-1, keepdims=True)
+    assert np.isnan(out[-1, 0])
+    # a sum of WIDE - 1 positive terms: relative precision
+    assert_close(out[:-1], expected[:-1], dtype=dtype, terms=WIDE, spread=0, scale=expected[:-1])
+    plain = tf_run(fused.sum_except, a[:, :17], np.minimum(index, 16).astype(np.int32))  # no block layout
+    expected = np.sum(np.where(np.arange(17) == np.minimum(index, 16), 0.0, a[:, :17].astype(np.float64)), -1)
+    assert_close(plain[:-1, 0], expected[:-1], dtype=dtype, terms=17, spread=0, scale=expected[:-1])
+
+
 def _value_gradient_second(op):
     """(op(x), its VJP with v, the derivative of <VJP, v>) for one softmax-family op."""
 

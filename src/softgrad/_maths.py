@@ -178,7 +178,7 @@ def log_softmax_vjp(xp, logp, dlogp, top=None, all_present=False):
     counted = dlogp if all_present else xp.where(present, dlogp, xp.zeros_like(dlogp))
     # The argmax's entry is taken out of the sum, and its result put in, one
     # entry per row rather than through a one-hot row.
-    others = xp.rowsum(xp.put_at(counted, top, 0.0))
+    others = xp.rowsum_except(counted, top)
     logp_top = xp.take(logp, top)
     total = others + xp.where(logp_top == NEG_INF, xp.zeros_like(logp_top), xp.take(dlogp, top))
     g = xp.where(present, dlogp - xp.exp(logp) * total, xp.zeros_like(dlogp))

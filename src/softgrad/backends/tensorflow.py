@@ -167,6 +167,11 @@ class TensorFlowBackend(Backend):
             return tf.zeros(tf.concat([tf.shape(v)[:-1], [1]], 0), v.dtype)
         return tf.gather(v, index, axis=-1, batch_dims=len(v.shape) - 1)
 
+    def rowsum_except(self, a, index):
+        if fused.in_xla():
+            return fused.sum_except(a, index)
+        return self.rowsum(self.put_at(a, index, 0.0))
+
     def add_at(self, a, index, value):
         return self._at(tf.tensor_scatter_nd_add, a, index, value)
 

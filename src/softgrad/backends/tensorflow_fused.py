@@ -61,17 +61,53 @@ def _row_extremes(x, with_min=False):
     if block is None:
         extremes = (tf.reduce_max(x, axis=-1, keepdims=True),
                     tf.expand_dims(tf.argmax(x, axis=-1, output_type=tf.int32), -1))
-        return extremes + (tf.reduce_any(x == _maths.NEG_INF),) if with_min else extremes
-    cols = c // block
-    matrix = tf.reshape(x, tf.concat([tf.shape(x)[:-1], [block, cols]], 0))
-    col_max = tf.reduce_max(matrix, axis=-2)
-    col = tf.argmax(col_max, axis=-1, output_type=tf.int32)
-    column = tf.gather(matrix, col, axis=-1, batch_dims=x.shape.rank - 1)
-    row = tf.argmax(column, axis=-1, output_type=tf.int32)
-    extremes = (tf.reduce_max(col_max, axis=-1, keepdims=True), tf.expand_dims(row * cols + col, -1))
+    else:
+        cols = c // block
+        matrix = _blocked(x, block)
+        col_max = tf.reduce_max(matrix, axis=-2)
+        col = tf.argmax(col_max, axis=-1, output_type=tf.int32)
+        column = tf.gather(matrix, col, axis=-1, batch_dims=x.shape.rank - 1)
+        row = tf.argmax(column, axis=-1, output_type=tf.int32)
+        extremes = (tf.reduce_max(col_max, axis=-1, keepdims=True), tf.expand_dims(row * cols + col, -1))
     if with_min:
-        extremes += (tf.reduce_any(tf.reduce_min(matrix, axis=-2) == _maths.NEG_INF),)
+        # A min of each row, not of the columns above: XLA runs a row
+        # reduction of x beside the max's for next to nothing, where a
+        # column one is a pass of its own.
+        extremes += (tf.reduce_any(tf.reduce_min(x, axis=-1) == _maths.NEG_INF),)
     return extremes
+
+
+def _blocked(x, block):
+    """x with its last axis laid out as a (block, C / block) matrix."""
+    return tf.reshape(x, tf.concat([tf.shape(x)[:-1], [block, x.shape[-1] // block]], 0))
+
+
+def sum_except(a, index):
+    """Each row's sum without its entry at ``index`` (..., 1), for XLA.
+
+    Op by op this is a sum of the row with that entry put to 0. Under XLA,
+    putting the entry in place copies an input first, a pass of its own; in
+    the layout of :func:`_row_extremes` the columns are summed instead, then
+    the column sums but the index's, plus the index's column without it.
+    Each term leaves the entry out, so the result has the precision of a
+    sum of the others, as the copy has.
+    """
+    c = a.shape[-1]
+    block = _block_size(c)
+    if block is None:
+        return tf.reduce_sum(_put_zero(a, index), axis=-1, keepdims=True)
+    cols = c // block
+    matrix = _blocked(a, block)
+    row, col = index // cols, index % cols
+    col_sums = _put_zero(tf.reduce_sum(matrix, axis=-2), col)
+    column = _put_zero(tf.gather(matrix, col[..., 0], axis=-1, batch_dims=a.shape.rank - 1), row)
+    return tf.reduce_sum(col_sums, axis=-1, keepdims=True) + tf.reduce_sum(column, axis=-1, keepdims=True)
+
+
+def _put_zero(a, index):
+    """a with 0 at a per-row index (..., 1), as a select against the
+    entry's position, which XLA computes in the pass that reads a."""
+    return tf.where(tf.range(tf.shape(a)[-1], dtype=index.dtype) == index, tf.zeros((), a.dtype), a)
 
 
 def _block_size(c):
@@ -119,13 +155,13 @@ def _kernel_softmax(x, by_maths):
     overflows, sends the whole input to ``by_maths``; the check is one
     reduction of x to a number.
     """
-    if _in_xla():
+    if in_xla():
         return by_maths(x)
     finite = tf.math.is_finite(tf.reduce_sum(x))
     return tf.cond(finite, lambda: tf.nn.softmax(x), lambda: by_maths(x))
 
 
-def _in_xla():
+def in_xla():
     """Whether the function being traced is compiled by XLA as a whole
     (``jit_compile=True``). Asked of TensorFlow's tracing context; where
     that cannot be read, the answer is no, which is correct, only slower."""
