@@ -240,7 +240,7 @@ def _value_gradient_second(op):
     return value_gradient_second
 
 
-@pytest.mark.parametrize("name", ["softmax", "log_softmax", "log_softmax_temperature"])
+@pytest.mark.parametrize("name", ["softmax", "softmax_temperature", "log_softmax", "log_softmax_temperature"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_softmax_family_edge_rows_match_op_by_op(tf_run, name, dtype, monkeypatch):
     """Ties across blocks, absent entries, NaN/+inf, empty, confident and
@@ -254,7 +254,8 @@ def test_softmax_family_edge_rows_match_op_by_op(tf_run, name, dtype, monkeypatc
     expected = tf_run(value_gradient_second, x, v)
     monkeypatch.setattr(fused, "MIN_ELEMENTS", 1)
     actual = tf_run(value_gradient_second, x, v)
-    z = 40.0 / 0.5 if "temperature" not in name else 40.0 / 3.0
+    temperature = {"softmax_temperature": 0.5, "log_softmax_temperature": 3.0}.get(name, 1.0)
+    z = 40.0 / 0.5 / temperature  # as SPREAD: twice the rows' largest shifted logit
     for what, a, e in zip(("value", "gradient", "second derivative"), actual, expected):
         a, e = a.astype(np.float64), e.astype(np.float64)
         np.testing.assert_array_equal(np.isnan(a), np.isnan(e), err_msg=f"{name} {what} NaN")

@@ -133,11 +133,12 @@ def softmax_body(xp, z):
     return e / xp.where(s == 0, xp.ones_like(s), s)
 
 
-def softmax_unmasked(xp, x, temperature=1.0):
+def softmax_unmasked(xp, x, temperature=1.0, row_max=None):
     """softmax of x / T, no mask: :func:`softmax_body` of the exponentials
     of :func:`exp_argument`, which are those of z. So no pass forms z, its
-    -inf entries or its saturation, which only its log-space uses need."""
-    m = _zero_if_empty(xp, xp.rowmax(x))
+    -inf entries or its saturation, which only its log-space uses need.
+    ``row_max``: the max of each row of x, where the caller found it."""
+    m = _zero_if_empty(xp, xp.rowmax(x) if row_max is None else row_max)
     return softmax_body(xp, exp_argument(xp, x, m, temperature))
 
 

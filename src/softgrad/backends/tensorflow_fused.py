@@ -48,10 +48,10 @@ def _row_extremes(x, with_min=False):
 
     XLA's argmax is a reduction that it does not vectorise, many times
     slower than a max. So the row is laid out as a (block, C / block)
-    matrix: a vectorised max (and min) down its columns, whose max is the
-    row's, an argmax over the column maxima, then one within the column
-    that holds the row's max, both short. One pass over x gives all three,
-    where a max and an argmax apart would take two. With ties any of the
+    matrix: a vectorised max down its columns, an argmax over the column
+    maxima, then one within the column that holds the row's max, both
+    short. One pass over x gives the max and the argmax, where apart they
+    would take two. With ties any of the
     maxima may come out, which serves every use here (each is exact for
     any index at the max). A NaN row may point anywhere in it, which only
     its own NaN result sees.
@@ -68,7 +68,11 @@ def _row_extremes(x, with_min=False):
         col = tf.argmax(col_max, axis=-1, output_type=tf.int32)
         column = tf.gather(matrix, col, axis=-1, batch_dims=x.shape.rank - 1)
         row = tf.argmax(column, axis=-1, output_type=tf.int32)
-        extremes = (tf.reduce_max(col_max, axis=-1, keepdims=True), tf.expand_dims(row * cols + col, -1))
+        # The row max is the max of the argmax's column, taken rather than
+        # reduced: XLA would turn a max of the column maxima into a pass
+        # over x of its own.
+        row_max = tf.gather(col_max, tf.expand_dims(col, -1), axis=-1, batch_dims=x.shape.rank - 1)
+        extremes = (row_max, tf.expand_dims(row * cols + col, -1))
     if with_min:
         # A min of each row, not of the columns above: XLA runs a row
         # reduction of x beside the max's for next to nothing, where a
@@ -126,20 +130,29 @@ def _softmax_functions(xp, temperature, log):
 def _softmax_only_functions(xp, temperature):
     @_compiled
     def by_maths(x):
-        return _maths.softmax_unmasked(xp, x, temperature)
+        # Any index at the max of y anchors the VJP, and an argmax of x is
+        # one: found with the row max, it costs the backward a pass less.
+        row_max, top = _row_extremes(x)
+        return _maths.softmax_unmasked(xp, x, temperature, row_max), top
 
     def forward(x):
-        y = _kernel_softmax(x, by_maths) if temperature == 1.0 else by_maths(x)
-        return y, ()
+        if temperature == 1.0 and not in_xla():
+            return _kernel_softmax(x, lambda x: by_maths(x)[0]), ()
+        y, top = by_maths(x)
+        return y, (top,)
 
-    @_compiled
-    def compiled_backward(y, d):
-        # Any index at the max of y serves as the anchor, an argmax of x as
-        # well as one of y; found here, the forward pass is left alone.
-        g = _maths.softmax_vjp(xp, y, d, _argmax_index(y))
+    def vjp(y, d, top):
+        g = _maths.softmax_vjp(xp, y, d, top)
         return g if temperature == 1.0 else g / temperature
 
-    return forward, lambda y, saved, d: compiled_backward(y, d)
+    given_top = _compiled(vjp)
+    # After TensorFlow's kernel, the anchor is found in the backward, from y.
+    finding_top = _compiled(lambda y, d: vjp(y, d, _argmax_index(y)))
+
+    def backward(y, saved, d):
+        return given_top(y, d, *saved) if saved else finding_top(y, d)
+
+    return forward, backward
 
 
 def _kernel_softmax(x, by_maths):
@@ -148,15 +161,13 @@ def _kernel_softmax(x, by_maths):
     finite logits: both take the row max off, exponentiate and divide by
     the sum, the kernel in one fused pass.
 
-    Under XLA, ``by_maths`` compiles to the same passes as the kernel, so
-    it is used as it is. Op by op, TensorFlow's kernel lets a NaN or +inf
+    Op by op (under XLA ``by_maths`` compiles to the kernel's passes and
+    is used as it is), TensorFlow's kernel lets a NaN or +inf
     through without spoiling the rest of its row, and gives NaN (0 / 0)
     for a row with no entry, so any non-finite logit, or a sum that
     overflows, sends the whole input to ``by_maths``; the check is one
     reduction of x to a number.
     """
-    if in_xla():
-        return by_maths(x)
     finite = tf.math.is_finite(tf.reduce_sum(x))
     return tf.cond(finite, lambda: tf.nn.softmax(x), lambda: by_maths(x))
 
