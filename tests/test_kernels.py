@@ -402,6 +402,36 @@ def test_streamed_cross_entropy_gradient_equals_cached_one(dtype, n_classes, off
 
 
 @compiled
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_classes, offset", [(512, 0), (600, 16)])
+@pytest.mark.parametrize("options", [dict(), dict(weighted=True, eps=0.1, z_loss=1e-3)])
+def test_streamed_soft_label_gradient_equals_cached_one(dtype, n_classes, offset, options):
+    from softgrad.kernels import _cross_entropy
+
+    rng = np.random.default_rng(n_classes + 1)
+    x = rng.normal(0.0, 4.0, (7, n_classes)).astype(dtype)
+    x[2, 5] = 30.0  # a confident row: its max entry is written apart
+    x[4, :7] = -np.inf  # absent entries
+    soft = rng.uniform(0.0, 1.0, x.shape)
+    soft[3] = 0.0
+    soft[3, 5] = 1.0  # a one-hot row among dense ones
+    soft = (soft / soft.sum(-1, keepdims=True)).astype(dtype)
+    eps = options.get("eps", 0.0)
+    weight = rng.uniform(0.5, 2.0, n_classes).astype(dtype) if options.get("weighted") else None
+    a, b = x.dtype.type(1 - eps), x.dtype.type(eps / n_classes)
+    results = []
+    for stream, n_bands, grad in [(False, 2, np.full_like(x, np.nan)), (True, 1, _aligned_like(x, offset)),
+                                  (True, 3, _aligned_like(x, offset))]:
+        loss = np.zeros(7)
+        _cross_entropy.with_soft_labels(x, soft, weight, a, b, options.get("z_loss", 0.0), 1.0 / 7,
+                                        np.finfo(dtype).min, loss, grad, stream, n_bands)
+        results.append((loss, grad))
+    for loss, grad in results[1:]:
+        np.testing.assert_array_equal(loss, results[0][0])
+        np.testing.assert_array_equal(grad, results[0][1])
+
+
+@compiled
 def test_the_long_row_kernels_can_be_cached(tmp_path):
     """A kernel numba cannot cache is compiled again in every process (seconds
     on the first call). Regression: a division that could raise, in a
@@ -422,6 +452,7 @@ def test_the_long_row_kernels_can_be_cached(tmp_path):
         "        _softmax.softmax_vjp(a, a, out, True, 2)\n"
         "        _softmax.softmax_jacobian(a, t_, np.empty(a.shape + a.shape[-1:], dtype), True, 2)\n"
         "        kernels.cross_entropy_with_grad(a, np.arange(3))\n"
+        "        kernels.cross_entropy_with_grad(a, np.full_like(a, 1 / 300))\n"
         "print('cached')"
     )
     assert _run(code, NUMBA_CACHE_DIR=str(tmp_path)) == "cached"

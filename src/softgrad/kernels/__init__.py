@@ -247,10 +247,10 @@ def _run_cross_entropy(x, labels, weight, ignore_index, eps, z_loss, reduction, 
     grad = _buffers.empty(x.shape, x.dtype) if want_grad else None
     if x.size:
         options = (a, b, float(z_loss), float(scale), _lowest(x), per_example, grad)
+        kernels, work, extra = _for_rows(x, "cross_entropy")
         if soft:
-            _launch(_module("cross_entropy").with_soft_labels, x.size, x, labels, weight, *options)
+            _launch(kernels.with_soft_labels, work, x, labels, weight, *options, *extra)
         else:
-            kernels, work, extra = _for_rows(x, "cross_entropy")
             _launch(kernels.with_labels, work, x, labels, weight, ignore_index, *options, *extra)
     if reduction == "none":
         return per_example.astype(x.dtype), grad

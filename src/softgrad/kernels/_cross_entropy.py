@@ -183,11 +183,23 @@ def with_labels(x, labels, weight, ignore_index, a, b, z_loss, scale, lowest, lo
 
 
 @njit(parallel=True, cache=True)
-def with_soft_labels(x, soft, weight, a, b, z_loss, scale, lowest, loss, grad):
-    """Cross-entropy with soft labels (class probabilities)."""
-    for i in prange(x.shape[0]):
-        ahead = x[min(i + 1, x.shape[0] - 1)]
-        if grad is None:
-            loss[i] = _example(x[i], None, 0, soft[i], weight, a, b, 1.0, z_loss, scale, lowest, ahead, False)
-        else:
-            loss[i] = _example(x[i], grad[i], 0, soft[i], weight, a, b, 1.0, z_loss, scale, lowest, ahead, False)
+def with_soft_labels(x, soft, weight, a, b, z_loss, scale, lowest, loss, grad, stream, n_bands):
+    """Cross-entropy with soft labels (class probabilities); ``stream`` and
+    ``n_bands`` as in :func:`with_labels`."""
+    n_rows, n = x.shape
+    streaming = stream and grad is not None
+    for band in prange(n_bands):
+        e = np.empty(n if streaming else 0, x.dtype)
+        block = np.empty(BLOCK if streaming else 0, x.dtype)
+        first, stop = band_rows(band, n_bands, n_rows)
+        for i in range(first, stop):
+            ahead = x[min(i + 1, stop - 1)]
+            if grad is None:
+                loss[i] = _example(x[i], None, 0, soft[i], weight, a, b, 1.0, z_loss, scale, lowest, ahead, False)
+            elif streaming:
+                loss[i] = _example(x[i], grad[i], 0, soft[i], weight, a, b, 1.0, z_loss, scale, lowest, ahead, False,
+                                   (e, block))
+            else:
+                loss[i] = _example(x[i], grad[i], 0, soft[i], weight, a, b, 1.0, z_loss, scale, lowest, ahead, False)
+        if streaming:
+            store_fence()

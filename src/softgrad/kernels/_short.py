@@ -127,20 +127,38 @@ def softmax_vjp(y, dy, out):
                 o[j] = yr[j] * ((dyr[j] - d_top) - total)
 
 
+@njit
+def _exponentials(x, i0, i1, lowest, grad):
+    """(g, first): the tile's e^z, in ``grad`` or, without a gradient, in
+    a tile-sized scratch (the gradient formed there is then dropped:
+    cheaper than a second kernel); ``first`` as in :func:`_shifted_tile`."""
+    if grad is None:
+        g, first = np.empty((i1 - i0, x.shape[1]), x.dtype), i0
+    else:
+        g, first = grad, 0
+    _shifted_tile(x, i0, i1, None, lowest, g, first)
+    return g, first
+
+
 @njit(parallel=True, cache=True)
 def with_labels(x, labels, weight, ignore_index, a, b, z_loss, scale, lowest, loss, grad):
     """``_cross_entropy.with_labels``: e^z goes into ``grad`` a tile at a
-    time, and each row's loss and gradient are formed from it. Without a
-    gradient a tile-sized scratch takes its place (and the gradient formed
-    there is dropped: cheaper than a second kernel)."""
+    time, and each row's loss and gradient are formed from it."""
     rows, n_tiles = _tiles(x.shape[0], x.shape[1])
     for tile in prange(n_tiles):
         i0, i1 = tile * rows, min(x.shape[0], (tile + 1) * rows)
-        if grad is None:
-            g, first = np.empty((i1 - i0, x.shape[1]), x.dtype), i0
-        else:
-            g, first = grad, 0
-        _shifted_tile(x, i0, i1, None, lowest, g, first)
+        g, first = _exponentials(x, i0, i1, lowest, grad)
         for i in range(i0, i1):
             label, ai, bi, v = label_targets(labels[i], ignore_index, a, b)
             loss[i] = _example(x[i], g[i - first], label, None, weight, ai, bi, v, z_loss, scale, lowest, None, True)
+
+
+@njit(parallel=True, cache=True)
+def with_soft_labels(x, soft, weight, a, b, z_loss, scale, lowest, loss, grad):
+    """``_cross_entropy.with_soft_labels``, a tile at a time as :func:`with_labels`."""
+    rows, n_tiles = _tiles(x.shape[0], x.shape[1])
+    for tile in prange(n_tiles):
+        i0, i1 = tile * rows, min(x.shape[0], (tile + 1) * rows)
+        g, first = _exponentials(x, i0, i1, lowest, grad)
+        for i in range(i0, i1):
+            loss[i] = _example(x[i], g[i - first], 0, soft[i], weight, a, b, 1.0, z_loss, scale, lowest, None, True)
