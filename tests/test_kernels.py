@@ -11,6 +11,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -342,6 +343,18 @@ def test_empty_and_poisoned_rows():
     _, grad = kernels.cross_entropy_with_grad(x, np.array([0, 0, 1]), reduction="none")
     np.testing.assert_array_equal(grad[0], 0.0)
     assert np.isnan(grad[1:, :2]).all()
+
+
+@compiled
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_an_overflowing_loss_is_inf_without_a_warning(reduction):
+    """z_loss squares the log-sum-exp of a saturated float32 row: the float64
+    loss is beyond float32 and rounds to inf, quietly, as on the NumPy path."""
+    x = np.array([[3e38, -3e38, 0.0]], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss, _ = kernels.cross_entropy_with_grad(x, np.array([1]), z_loss=1.0, reduction=reduction)
+    assert np.all(np.isposinf(loss))
 
 
 def test_status_names_the_path():

@@ -252,15 +252,18 @@ def _run_cross_entropy(x, labels, weight, ignore_index, eps, z_loss, reduction, 
             _launch(kernels.with_soft_labels, work, x, labels, weight, *options, *extra)
         else:
             _launch(kernels.with_labels, work, x, labels, weight, ignore_index, *options, *extra)
-    if reduction == "none":
-        return per_example.astype(x.dtype), grad
-    if scale == 0:
-        return dtype(0), grad
-    if divide_after:
-        if grad is not None:
-            np.divide(grad, denominator, out=grad)
-        return dtype(per_example.sum() / np.float64(denominator)), grad
-    return dtype(per_example.sum()) * scale, grad
+    # A loss beyond x's dtype (a true overflow: z_loss on a saturated row)
+    # rounds to inf, quietly, as on the NumPy path.
+    with np.errstate(over="ignore"):
+        if reduction == "none":
+            return per_example.astype(x.dtype), grad
+        if scale == 0:
+            return dtype(0), grad
+        if divide_after:
+            if grad is not None:
+                np.divide(grad, denominator, out=grad)
+            return dtype(per_example.sum() / np.float64(denominator)), grad
+        return dtype(per_example.sum()) * scale, grad
 
 
 # -- the per-chunk kernels of the NumPy linear cross-entropy -----------------
