@@ -169,6 +169,52 @@ def jacobian_case(shape, tf=True):
                 copy_bytes=min(out_bytes, 2**28))
 
 
+def report(quick, out_dir):
+    """The explicit Jacobian against the fastest write of its output here.
+
+    A bare fill of the (N, C, C) output with streaming stores, on every
+    thread, one fence a thread, is as fast as any code can write it on
+    this machine; the table's bound (from the copy bandwidth) also counts a
+    read of each line, which such stores skip. Returns the line as text
+    and no plot.
+    """
+    from harness import time_thunk
+
+    shape = (256, 512) if quick else (1024, 512)
+    if not softgrad.kernels.enabled():
+        return f"skipped: {softgrad.kernels.status()['reason']}", None
+    fill = _streamed_fill()
+    out = softgrad.kernels._buffers.empty((shape[0] * shape[1], shape[1]), np.float32)
+    y = softgrad.softmax(_data(shape)[0])
+    runs = 3 if quick else 7
+    filled = time_thunk(lambda: fill(out, softgrad.kernels._bands(out.shape[0])), runs=runs, warmup=1, memory=False)
+    jacobian = time_thunk(lambda: softgrad.softmax_jacobian(y), runs=runs, warmup=1, memory=False)
+    return (
+        f"softmax_jacobian {shape[0]}x{shape[1]}: {jacobian.median_ms:.1f} ms; a streamed fill of its "
+        f"{out.nbytes / 2**20:.0f} MiB output: {filled.median_ms:.1f} ms "
+        f"({out.nbytes / filled.median_ms / 1e6:.1f} GB/s); jacobian / fill: {jacobian.median_ms / filled.median_ms:.2f}"
+    ), None
+
+
+def _streamed_fill():
+    from numba import njit, prange
+
+    from softgrad.kernels._primitives import store_fence, stream_block
+    from softgrad.kernels._rows import BLOCK, band_rows
+
+    @njit(parallel=True)
+    def fill(out, n_bands):
+        for band in prange(n_bands):
+            block = np.zeros(BLOCK, out.dtype)
+            first, stop = band_rows(band, n_bands, out.shape[0])
+            for i in range(first, stop):
+                for b in range(out.shape[1] // BLOCK):
+                    stream_block(block, out[i], b * BLOCK, BLOCK)
+            store_fence()
+
+    return fill
+
+
 # -- softgrad's TensorFlow path against TensorFlow's built-ins ----------------
 
 

@@ -360,7 +360,7 @@ REPORT_CASES = ["tf_plain", "tf_softgrad", "torch_chunked", "numpy_softgrad"]
 
 
 def report(quick, out_dir):
-    """For ``softgrad bench``: the memory the harness cannot see.
+    """Memory in fresh interpreters, which the harness cannot see.
 
     Peak resident memory above the inputs of each path, one fresh
     interpreter per measurement (as ``rss_MiB`` above), against plain TF and

@@ -96,10 +96,11 @@ def main(quick=False, out_dir="."):
     png = scaling.plot(rows, os.path.join(out_dir, "softgrad-scaling.png"))
     print(f"\nresults appended to {csv_path} and {out_dir}/bench.csv\nscaling plot: {png}")
     for module, report in reports():
-        print(f"\n{module}: memory in fresh interpreters", flush=True)
+        print(f"\n{module}: {report.__doc__.splitlines()[0]}", flush=True)
         text, plot = report(quick, out_dir)
         print(text)
-        print(f"plot: {plot}")
+        if plot:
+            print(f"plot: {plot}")
     return 0
 
 
