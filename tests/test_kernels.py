@@ -294,8 +294,8 @@ def _aligned_like(x, offset):
 def test_streamed_outputs_equal_cached_ones(dtype, n_classes, offset):
     """The streaming stores of large outputs (``_rows.stream_row``) write what
     ordinary stores write, on rows that start on a 64-byte boundary and on
-    rows that do not, in one band or several; the softmax also across its
-    overlapped writes of the previous row."""
+    rows that do not, in one band or several; the softmax and its VJP also
+    across their overlapped writes of the previous row."""
     from softgrad.kernels import _softmax
 
     x = np.random.default_rng(n_classes).normal(0.0, 4.0, (7, n_classes)).astype(dtype)

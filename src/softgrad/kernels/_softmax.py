@@ -12,16 +12,19 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._primitives import exp, store_fence
+from ._primitives import exp, store_fence, stream_block
 from ._rows import (
+    _REDUCE,
     BLOCK,
     band_rows,
     blocked_sum,
     exp_total,
     first_argmax,
     max_and_shift,
+    prefetch_block,
     shifted,
     stream_row,
+    streamed_blocks,
     sum_exp,
 )
 
@@ -107,24 +110,63 @@ def _vjp_entry(j, y, dy, d_top, total):
     return y[j] * ((dy[j] - d_top) - total)
 
 
+@njit(fastmath=_REDUCE)
+def _total_writing_behind(yr, dyr, d_top, o, y_behind, dy_behind, d_behind, t_behind, scratch, ahead):
+    """``blocked_sum(_shifted_product, ...)`` of this row, the same sum in
+    the same order, while the previous row's output ``o`` is written with
+    streaming stores a block per block (as ``_rows.exp_total``'s
+    ``behind``): its stores overlap this row's reads from memory. A row o
+    not on a 64-byte boundary is written after the sum, with ordinary stores."""
+    zero = yr.dtype.type(0)
+    n = yr.shape[0]
+    n_blocks = n // BLOCK
+    streamed = streamed_blocks(o)
+    total = 0.0
+    for b in range(n_blocks):
+        prefetch_block(ahead, b * BLOCK)
+        acc = zero
+        for k in range(BLOCK):
+            acc += _shifted_product(b * BLOCK + k, yr, dyr, d_top)
+        total += acc
+        if b < streamed:
+            for k in range(BLOCK):
+                scratch[k] = _vjp_entry(b * BLOCK + k, y_behind, dy_behind, d_behind, t_behind)
+            stream_block(scratch, o, b * BLOCK, BLOCK)
+    acc = zero
+    for j in range(n_blocks * BLOCK, n):
+        acc += _shifted_product(j, yr, dyr, d_top)
+    for j in range(streamed * BLOCK, n):
+        o[j] = _vjp_entry(j, y_behind, dy_behind, d_behind, t_behind)
+    return total + acc
+
+
 @njit(parallel=True, cache=True)
 def softmax_vjp(y, dy, out, stream, n_bands):
-    """``_maths.softmax_vjp``: y (d - Σ d y) with d = dy - dy[argmax y]."""
+    """``_maths.softmax_vjp``: y (d - Σ d y) with d = dy - dy[argmax y].
+
+    Streamed, row i is written during row i + 1's sum
+    (:func:`_total_writing_behind`), the band's last row after it.
+    """
     zero = y.dtype.type(0)
     n_rows, n = y.shape
     for band in prange(n_bands):
         block = np.empty(BLOCK if stream else 0, y.dtype)
         first, stop = band_rows(band, n_bands, n_rows)
+        d_top = total = zero
         for i in range(first, stop):
             yr, dyr, o = y[i], dy[i], out[i]
+            d_behind, t_behind = d_top, total
             d_top = dyr[first_argmax(yr)]
-            total = y.dtype.type(blocked_sum(_shifted_product, n, zero, (yr, dyr, d_top)))
-            if stream:
-                stream_row(o, _vjp_entry, (yr, dyr, d_top, total), block)
+            if stream and i > first:
+                total = y.dtype.type(_total_writing_behind(yr, dyr, d_top, out[i - 1], y[i - 1], dy[i - 1],
+                                                           d_behind, t_behind, block, y[min(i + 1, stop - 1)]))
             else:
+                total = y.dtype.type(blocked_sum(_shifted_product, n, zero, (yr, dyr, d_top)))
+            if not stream:
                 for j in range(n):
                     o[j] = _vjp_entry(j, yr, dyr, d_top, total)
-        if stream:
+        if stream and stop > first:
+            stream_row(out[stop - 1], _vjp_entry, (y[stop - 1], dy[stop - 1], d_top, total), block)
             store_fence()
 
 
