@@ -157,6 +157,20 @@ def label_targets(label, ignore_index, a, b):
     return 0, a - a, b - b, 0.0
 
 
+@njit
+def _banded_example(x, grad, i, label, soft_row, weight, a, b, valid, z_loss, scale, lowest, ahead, streaming, e,
+                    block):
+    """:func:`_example` for row i of a band: the loss alone, or with the
+    gradient written with streaming stores (through ``e`` and ``block``) or
+    ordinary ones."""
+    if grad is None:
+        return _example(x[i], None, label, soft_row, weight, a, b, valid, z_loss, scale, lowest, ahead, False)
+    if streaming:
+        return _example(x[i], grad[i], label, soft_row, weight, a, b, valid, z_loss, scale, lowest, ahead, False,
+                        (e, block))
+    return _example(x[i], grad[i], label, soft_row, weight, a, b, valid, z_loss, scale, lowest, ahead, False)
+
+
 @njit(parallel=True, cache=True)
 def with_labels(x, labels, weight, ignore_index, a, b, z_loss, scale, lowest, loss, grad, stream, n_bands):
     """Cross-entropy with integer labels; ``stream`` and ``n_bands`` as in
@@ -170,14 +184,8 @@ def with_labels(x, labels, weight, ignore_index, a, b, z_loss, scale, lowest, lo
         first, stop = band_rows(band, n_bands, n_rows)
         for i in range(first, stop):
             label, ai, bi, v = label_targets(labels[i], ignore_index, a, b)
-            ahead = x[min(i + 1, stop - 1)]
-            if grad is None:
-                loss[i] = _example(x[i], None, label, None, weight, ai, bi, v, z_loss, scale, lowest, ahead, False)
-            elif streaming:
-                loss[i] = _example(x[i], grad[i], label, None, weight, ai, bi, v, z_loss, scale, lowest, ahead, False,
-                                   (e, block))
-            else:
-                loss[i] = _example(x[i], grad[i], label, None, weight, ai, bi, v, z_loss, scale, lowest, ahead, False)
+            loss[i] = _banded_example(x, grad, i, label, None, weight, ai, bi, v, z_loss, scale, lowest,
+                                      x[min(i + 1, stop - 1)], streaming, e, block)
         if streaming:
             store_fence()
 
@@ -193,13 +201,7 @@ def with_soft_labels(x, soft, weight, a, b, z_loss, scale, lowest, loss, grad, s
         block = np.empty(BLOCK if streaming else 0, x.dtype)
         first, stop = band_rows(band, n_bands, n_rows)
         for i in range(first, stop):
-            ahead = x[min(i + 1, stop - 1)]
-            if grad is None:
-                loss[i] = _example(x[i], None, 0, soft[i], weight, a, b, 1.0, z_loss, scale, lowest, ahead, False)
-            elif streaming:
-                loss[i] = _example(x[i], grad[i], 0, soft[i], weight, a, b, 1.0, z_loss, scale, lowest, ahead, False,
-                                   (e, block))
-            else:
-                loss[i] = _example(x[i], grad[i], 0, soft[i], weight, a, b, 1.0, z_loss, scale, lowest, ahead, False)
+            loss[i] = _banded_example(x, grad, i, 0, soft[i], weight, a, b, 1.0, z_loss, scale, lowest,
+                                      x[min(i + 1, stop - 1)], streaming, e, block)
         if streaming:
             store_fence()
