@@ -402,12 +402,22 @@ def test_streamed_cross_entropy_gradient_equals_cached_one(dtype, n_classes, off
     weight = rng.uniform(0.5, 2.0, n_classes).astype(dtype) if options.get("weighted") else None
     ignore = options.get("ignore", np.iinfo(np.int64).min)
     a, b = x.dtype.type(1 - eps), x.dtype.type(eps / n_classes)
+    _assert_streamed_equals_cached(
+        lambda loss, grad, stream, n_bands: _cross_entropy.with_labels(
+            x, labels, weight, ignore, a, b, options.get("z_loss", 0.0), 1.0 / 7, np.finfo(dtype).min, loss, grad,
+            stream, n_bands),
+        x, offset)
+
+
+def _assert_streamed_equals_cached(run, x, offset):
+    """``run(loss, grad, stream, n_bands)``, a cross-entropy kernel on x's 7
+    rows, gives the same loss and gradient with ordinary stores (2 bands)
+    and streamed into rows ``offset`` bytes past a line (1 and 3 bands)."""
     results = []
     for stream, n_bands, grad in [(False, 2, np.full_like(x, np.nan)), (True, 1, _aligned_like(x, offset)),
                                   (True, 3, _aligned_like(x, offset))]:
         loss = np.zeros(7)
-        _cross_entropy.with_labels(x, labels, weight, ignore, a, b, options.get("z_loss", 0.0), 1.0 / 7,
-                                   np.finfo(dtype).min, loss, grad, stream, n_bands)
+        run(loss, grad, stream, n_bands)
         results.append((loss, grad))
     for loss, grad in results[1:]:
         np.testing.assert_array_equal(loss, results[0][0])
@@ -432,16 +442,11 @@ def test_streamed_soft_label_gradient_equals_cached_one(dtype, n_classes, offset
     eps = options.get("eps", 0.0)
     weight = rng.uniform(0.5, 2.0, n_classes).astype(dtype) if options.get("weighted") else None
     a, b = x.dtype.type(1 - eps), x.dtype.type(eps / n_classes)
-    results = []
-    for stream, n_bands, grad in [(False, 2, np.full_like(x, np.nan)), (True, 1, _aligned_like(x, offset)),
-                                  (True, 3, _aligned_like(x, offset))]:
-        loss = np.zeros(7)
-        _cross_entropy.with_soft_labels(x, soft, weight, a, b, options.get("z_loss", 0.0), 1.0 / 7,
-                                        np.finfo(dtype).min, loss, grad, stream, n_bands)
-        results.append((loss, grad))
-    for loss, grad in results[1:]:
-        np.testing.assert_array_equal(loss, results[0][0])
-        np.testing.assert_array_equal(grad, results[0][1])
+    _assert_streamed_equals_cached(
+        lambda loss, grad, stream, n_bands: _cross_entropy.with_soft_labels(
+            x, soft, weight, a, b, options.get("z_loss", 0.0), 1.0 / 7, np.finfo(dtype).min, loss, grad, stream,
+            n_bands),
+        x, offset)
 
 
 @compiled

@@ -50,6 +50,12 @@ class Backend:
     def cross_entropy_hvp(self, x, tg, v, *, z_loss, reduction):
         return _maths.cross_entropy_hvp(self, x, tg, v, z_loss, reduction)
 
+    # -- primitives composed of the backend's own -------------------------
+
+    def rowsum_except(self, a, index):
+        """Each row's sum without its entry at a per-row index, (..., 1)."""
+        return self.rowsum(self.put_at(a, index, 0.0))
+
     # -- the cores, which a backend may wrap with custom gradients ----------
 
     def softmax_core(self, z):

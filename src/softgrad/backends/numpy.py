@@ -126,10 +126,6 @@ class NumpyBackend(KernelRouting, Backend):
             return np.zeros(v.shape[:-1] + (1,), dtype=v.dtype)
         return np.take_along_axis(v, index, axis=-1)
 
-    def rowsum_except(self, a, index):
-        """Each row's sum without its entry at a per-row index, (..., 1)."""
-        return self.rowsum(self.put_at(a, index, 0.0))
-
     def add_at(self, a, index, value):
         """a with value added at a per-row index (..., 1); a copy."""
         if a.shape[-1] == 0:
