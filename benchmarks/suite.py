@@ -10,7 +10,6 @@ import argparse
 import glob
 import importlib
 import os
-import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -72,35 +71,6 @@ def memory_table(cases):
     return "\n".join(lines)
 
 
-# Calls every kernel the cases use, float32 and float64, long and short rows.
-_COMPILE = """
-import numpy as np, softgrad as sg
-rng = np.random.default_rng(0)
-for shape in [(3, 300), (40, 10)]:
-    for dtype in ("float32", "float64"):
-        x = rng.normal(size=shape).astype(dtype)
-        labels = rng.integers(0, shape[1], shape[0])
-        y = sg.softmax(x)
-        sg.softmax_vjp(y, x)
-        sg.softmax_jacobian(x)
-        sg.log_softmax_vjp(sg.log_softmax(x), x)
-        sg.cross_entropy(x, labels)
-        sg.cross_entropy_with_grad(x, labels)
-        sg.cross_entropy_with_grad(x, y)
-        h, w = rng.normal(size=(shape[0], 8)).astype(dtype), rng.normal(size=(8, shape[1])).astype(dtype)
-        sg.linear_cross_entropy_with_grad(h, w, labels)
-"""
-
-
-def compile_kernels_apart():
-    """Compile softgrad's kernels into numba's cache in a child process, so
-    that the timing process loads them from there. A kernel compiled in the
-    process that runs it ran up to 2x slower here than the same kernel
-    loaded from the cache (cross-entropy at 1024x32768: 43 against 20 ms),
-    so a first run on a fresh checkout would otherwise time that."""
-    subprocess.run([sys.executable, "-c", _COMPILE], check=True)
-
-
 def main(quick=False, out_dir="."):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import harness
@@ -109,8 +79,6 @@ def main(quick=False, out_dir="."):
 
     runs, warmup = (3, 1) if quick else (7, 2)
     status = kernels.status()
-    if status["path"] == "numba":
-        compile_kernels_apart()
     print(f"softgrad NumPy path: {status['path']} ({status['reason']}); {runs} runs per case, median")
     cases = []
     for module, make_cases in discover():

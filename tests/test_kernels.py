@@ -476,6 +476,56 @@ def test_the_long_row_kernels_can_be_cached(tmp_path):
     assert _run(code, NUMBA_CACHE_DIR=str(tmp_path)) == "cached"
 
 
+# A first call in a process with an empty cache: cross-entropy's kernel (and
+# the softmax's, which it does not use) with the gradient, float64, long rows.
+_FIRST_CALL = """
+import sys, numpy as np
+from softgrad import kernels
+from softgrad.kernels import _apart, _cross_entropy
+if sys.argv[1] == "no-child":
+    _apart.PYTHON = sys.executable + "-missing"
+rng = np.random.default_rng(0)
+x, labels = rng.normal(0, 2, (5, 300)), rng.integers(0, 300, 5)
+loss, grad = kernels.cross_entropy_with_grad(x, labels)
+np.save(sys.argv[2], grad)
+hits = sum(_cross_entropy.with_labels.stats.cache_hits.values())
+print(hits, len(_cross_entropy._grad_row.overloads), loss)
+"""
+
+
+def _first_call(tmp_path, mode):
+    out = tmp_path / f"{mode}.npy"
+    result = subprocess.run([sys.executable, "-c", _FIRST_CALL, mode, str(out)], capture_output=True, text=True,
+                            env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / mode)}, check=True)
+    hits, helpers, loss = result.stdout.split()
+    return int(hits), int(helpers), float(loss), np.load(out)
+
+
+def _check_first_call(loss, grad):
+    rng = np.random.default_rng(0)
+    x, labels = rng.normal(0, 2, (5, 300)), rng.integers(0, 300, 5)
+    check_cross_entropy(loss, grad, x, labels, np.float64)
+
+
+@compiled
+@pytest.mark.slow
+def test_a_kernel_missing_from_the_cache_is_compiled_in_a_child(tmp_path):
+    """The process that calls a kernel first loads it from the cache, which a
+    child filled: its helpers are never compiled here, where the kernel's
+    calls would bind to them, once-optimised (``kernels/_apart.py``)."""
+    hits, helpers, loss, grad = _first_call(tmp_path, "child")
+    assert (hits, helpers) == (1, 0)
+    _check_first_call(loss, grad)
+
+
+@compiled
+@pytest.mark.slow
+def test_without_a_child_the_kernel_is_compiled_here(tmp_path):
+    hits, helpers, loss, grad = _first_call(tmp_path, "no-child")
+    assert hits == 0 and helpers > 0
+    _check_first_call(loss, grad)
+
+
 @pytest.fixture
 def calls(monkeypatch):
     """Names of the kernels that the public functions call."""

@@ -57,13 +57,13 @@ def _load():
         _state.update(path="numpy", reason=f"{ENV_SWITCH}={os.environ[ENV_SWITCH]} forces the NumPy path")
         return
     try:
-        from . import _cross_entropy, _short, _softmax
+        from . import _apart, _cross_entropy, _short, _softmax
     except ImportError as error:
         _state.update(path="numpy", reason=f"numba is not available ({error}); pip install 'softgrad[fast]'")
         return
     import numba
 
-    _compiled.update(numba=numba, softmax=_softmax, cross_entropy=_cross_entropy, short=_short)
+    _compiled.update(numba=numba, apart=_apart, softmax=_softmax, cross_entropy=_cross_entropy, short=_short)
     _state.update(path="numba", reason=f"numba {numba.__version__} kernels, {numba.get_num_threads()} threads")
 
 
@@ -104,14 +104,17 @@ _PARALLEL_MIN = 1 << 20
 
 
 def _launch(kernel, size, *args):
+    """``kernel(*args)``, on the calling thread alone below ``_PARALLEL_MIN``;
+    compiled in a child process if numba's cache misses it (``_apart.py``)."""
+    call = _compiled["apart"].call
     if size >= _PARALLEL_MIN:
-        kernel(*args)
+        call(kernel, args)
         return
     numba = _compiled["numba"]
     threads = numba.get_num_threads()
     numba.set_num_threads(1)
     try:
-        kernel(*args)
+        call(kernel, args)
     finally:
         numba.set_num_threads(threads)
 
@@ -310,7 +313,8 @@ def linear_chunk_stats(u, bias, softcap, labels, start, m, r, x_t, sum_x):
     # The kernel writes no sums when want_sum is False: m stands in for them.
     sums = sum_x if want_sum else m
     if u.size:
-        _linear_kernels().stats(u, b, has_bias, labels, start, m, r, x_t, sums, want_sum, _lowest(u))
+        _compiled["apart"].call(_linear_kernels().stats, (u, b, has_bias, labels, start, m, r, x_t, sums, want_sum,
+                                                          _lowest(u)))
 
 
 def linear_chunk_grad(u, bias, softcap, labels, start, m, log_z, coef, n_classes, label_smoothing, z_loss,
@@ -332,5 +336,6 @@ def linear_chunk_grad(u, bias, softcap, labels, start, m, log_z, coef, n_classes
     b, has_bias = _bias_args(u, bias)
     eps = float(label_smoothing)
     if u.size:
-        _linear_kernels().grad(u, b, has_bias, capped, has_cap, labels, start, m, log_z, coef,
-                               eps / n_classes, eps * (1.0 - 1.0 / n_classes), float(z_loss))
+        _compiled["apart"].call(_linear_kernels().grad, (u, b, has_bias, capped, has_cap, labels, start, m, log_z,
+                                                         coef, eps / n_classes, eps * (1.0 - 1.0 / n_classes),
+                                                         float(z_loss)))
