@@ -58,13 +58,21 @@ class _StopCompiling(event.Listener):
         pass
 
 
+_listeners = {}
+
+
 def call(kernel, args):
     """``kernel(*args)``, where a kernel missing from numba's cache is compiled in a child process."""
+    listener = _listeners.get(kernel)
+    if listener is None:
+        listener = _listeners.setdefault(kernel, _StopCompiling(kernel))
+    event.register("numba:compile", listener)
     try:
-        with event.install_listener("numba:compile", _StopCompiling(kernel)):
-            return kernel(*args)
+        return kernel(*args)
     except _CompileApart as stop:
         compile_apart(kernel, stop.arg_types)
+    finally:
+        event.unregister("numba:compile", listener)
     # From the cache now; compiled here if the child could not put it there.
     return kernel(*args)
 
