@@ -25,7 +25,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._primitives import store_fence
-from ._rows import BLOCK, band_rows, blocked_sum, max_and_shift, shifted, stream_row, sum_exp, sum_stored
+from ._rows import BLOCK, band_rows, blocked_sum, max_and_shift, shift_of, shifted, stream_row, sum_exp, sum_stored
 
 
 @njit
@@ -92,18 +92,22 @@ def _grad_value(j, row, e, label, q_label, soft_row, weight, a, b, top_value, co
 
 
 @njit
-def _example(row, g, label, soft_row, weight, a, b, valid, z_loss, scale, lowest, ahead, e_ready, stream=None):
+def _example(row, g, label, soft_row, weight, a, b, valid, z_loss, scale, lowest, ahead, ready_max, stream=None):
     """The loss of one example; writes its gradient into ``g`` unless None; prefetches ``ahead``.
 
-    ``e_ready``: ``g`` already holds e^z (``_short.py``), so the row's sum is
-    taken from it instead of exponentiating again. ``stream``: None, or
-    ``(e, block)``, scratch for the row's e^z and a block: the gradient is
-    then written with streaming stores.
+    ``ready_max``: None, or the row's max, found where ``g`` was filled
+    with e^z (``_short.py``): the row's sum is then taken from g instead of
+    exponentiating again. ``stream``: None, or ``(e, block)``, scratch for
+    the row's e^z and a block: the gradient is then written with streaming
+    stores.
     """
-    raw_max, m = max_and_shift(row)
+    if ready_max is None:
+        raw_max, m = max_and_shift(row)
+    else:
+        raw_max, m = ready_max, shift_of(ready_max)
     if g is None:
         below, n_top = sum_exp(row, m, None, lowest, None, ahead)
-    elif e_ready:
+    elif ready_max is not None:
         below, n_top = sum_stored(row, m, None, lowest, g)
     elif stream is not None:
         below, n_top = sum_exp(row, m, None, lowest, stream[0], ahead)
@@ -164,11 +168,11 @@ def _banded_example(x, grad, i, label, soft_row, weight, a, b, valid, z_loss, sc
     gradient written with streaming stores (through ``e`` and ``block``) or
     ordinary ones."""
     if grad is None:
-        return _example(x[i], None, label, soft_row, weight, a, b, valid, z_loss, scale, lowest, ahead, False)
+        return _example(x[i], None, label, soft_row, weight, a, b, valid, z_loss, scale, lowest, ahead, None)
     if streaming:
-        return _example(x[i], grad[i], label, soft_row, weight, a, b, valid, z_loss, scale, lowest, ahead, False,
+        return _example(x[i], grad[i], label, soft_row, weight, a, b, valid, z_loss, scale, lowest, ahead, None,
                         (e, block))
-    return _example(x[i], grad[i], label, soft_row, weight, a, b, valid, z_loss, scale, lowest, ahead, False)
+    return _example(x[i], grad[i], label, soft_row, weight, a, b, valid, z_loss, scale, lowest, ahead, None)
 
 
 @njit(parallel=True, cache=True)

@@ -43,7 +43,13 @@ def row_max(row):
 def max_and_shift(row):
     """(row max, shift m): m is the max, or 0 for a row with no entry (all -inf)."""
     raw = row_max(row)
-    return raw, (row.dtype.type(0) if raw == -np.inf else raw)
+    return raw, shift_of(raw)
+
+
+@njit
+def shift_of(raw):
+    """The shift m for a row whose max is ``raw``: see :func:`max_and_shift`."""
+    return type(raw)(0) if raw == -np.inf else raw
 
 
 # error_model="numpy": t > 0 is validated, and Python's ZeroDivisionError

@@ -20,7 +20,7 @@ from numba import njit, prange
 
 from ._cross_entropy import _example, label_targets
 from ._primitives import exp
-from ._rows import BLOCK, exp_in_place, first_argmax, max_and_shift, shifted, sum_stored
+from ._rows import BLOCK, exp_in_place, first_argmax, max_and_shift, shift_of, shifted, sum_stored
 
 # Measured at 655360 entries, 2 threads: faster than the per-row kernels at
 # every C below a block (softmax 2.3x at C = 10, 1.3x at C = 255).
@@ -38,13 +38,18 @@ def _tiles(n_rows, n_classes):
 @njit
 def _shifted_tile(x, i0, i1, t, lowest, out, first=0):
     """out[i - first] <- z of row i for the tile's rows, then e^z over the
-    whole tile (``first``: the row of x that out's row 0 holds)."""
+    whole tile (``first``: the row of x that out's row 0 holds). Returns
+    the rows' maxima (``maxes[i - i0]``), which the callers that need them
+    again take from there: for a short row finding its max costs as much
+    as its exponentials."""
+    maxes = np.empty(i1 - i0, x.dtype)
     for i in range(i0, i1):
         row, o = x[i], out[i - first]
-        _, m = max_and_shift(row)
+        maxes[i - i0], m = max_and_shift(row)
         for j in range(row.shape[0]):
             o[j] = shifted(row[j], m, t, lowest)
     exp_in_place(out.reshape(-1)[(i0 - first) * x.shape[1]: (i1 - first) * x.shape[1]])
+    return maxes
 
 
 @njit(parallel=True, cache=True)
@@ -72,10 +77,10 @@ def log_softmax(x, t, lowest, out):
     rows, n_tiles = _tiles(x.shape[0], x.shape[1])
     for tile in prange(n_tiles):
         i0, i1 = tile * rows, min(x.shape[0], (tile + 1) * rows)
-        _shifted_tile(x, i0, i1, t, lowest, out)
+        maxes = _shifted_tile(x, i0, i1, t, lowest, out)
         for i in range(i0, i1):
             row, o = x[i], out[i]
-            _, m = max_and_shift(row)
+            m = shift_of(maxes[i - i0])
             below, n_top = sum_stored(row, m, t, lowest, o)
             lse = math.log1p(below + (n_top - 1.0))
             lse = x.dtype.type(0.0 if lse == -np.inf else lse)
@@ -129,15 +134,15 @@ def softmax_vjp(y, dy, out):
 
 @njit
 def _exponentials(x, i0, i1, lowest, grad):
-    """(g, first): the tile's e^z, in ``grad`` or, without a gradient, in
-    a tile-sized scratch (the gradient formed there is then dropped:
-    cheaper than a second kernel); ``first`` as in :func:`_shifted_tile`."""
+    """(g, first, maxes): the tile's e^z, in ``grad`` or, without a
+    gradient, in a tile-sized scratch (the gradient formed there is then
+    dropped: cheaper than a second kernel); ``first`` and ``maxes`` as in
+    :func:`_shifted_tile`."""
     if grad is None:
         g, first = np.empty((i1 - i0, x.shape[1]), x.dtype), i0
     else:
         g, first = grad, 0
-    _shifted_tile(x, i0, i1, None, lowest, g, first)
-    return g, first
+    return g, first, _shifted_tile(x, i0, i1, None, lowest, g, first)
 
 
 @njit(parallel=True, cache=True)
@@ -147,10 +152,11 @@ def with_labels(x, labels, weight, ignore_index, a, b, z_loss, scale, lowest, lo
     rows, n_tiles = _tiles(x.shape[0], x.shape[1])
     for tile in prange(n_tiles):
         i0, i1 = tile * rows, min(x.shape[0], (tile + 1) * rows)
-        g, first = _exponentials(x, i0, i1, lowest, grad)
+        g, first, maxes = _exponentials(x, i0, i1, lowest, grad)
         for i in range(i0, i1):
             label, ai, bi, v = label_targets(labels[i], ignore_index, a, b)
-            loss[i] = _example(x[i], g[i - first], label, None, weight, ai, bi, v, z_loss, scale, lowest, None, True)
+            loss[i] = _example(x[i], g[i - first], label, None, weight, ai, bi, v, z_loss, scale, lowest, None,
+                               maxes[i - i0])
 
 
 @njit(parallel=True, cache=True)
@@ -159,6 +165,7 @@ def with_soft_labels(x, soft, weight, a, b, z_loss, scale, lowest, loss, grad):
     rows, n_tiles = _tiles(x.shape[0], x.shape[1])
     for tile in prange(n_tiles):
         i0, i1 = tile * rows, min(x.shape[0], (tile + 1) * rows)
-        g, first = _exponentials(x, i0, i1, lowest, grad)
+        g, first, maxes = _exponentials(x, i0, i1, lowest, grad)
         for i in range(i0, i1):
-            loss[i] = _example(x[i], g[i - first], 0, soft[i], weight, a, b, 1.0, z_loss, scale, lowest, None, True)
+            loss[i] = _example(x[i], g[i - first], 0, soft[i], weight, a, b, 1.0, z_loss, scale, lowest, None,
+                               maxes[i - i0])
