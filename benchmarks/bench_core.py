@@ -259,7 +259,7 @@ def tf_path_case(shape, jit, op="cross_entropy"):
         "softgrad": lambda: _tf_path_step(op, x, labels, dy, jit, True),
         "tf": lambda: _tf_path_step(op, x, labels, dy, jit, False),
     }
-    return Case(f"TF path: {op} fwd+bwd ({mode})", shape, "float32", impls, numpy_buffers=False)
+    return Case(f"TF path: {op} fwd+bwd ({mode})", shape, "float32", impls, numpy_buffers=False, turns=21)
 
 
 def cases(quick):

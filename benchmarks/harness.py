@@ -46,7 +46,12 @@ class Case:
     the buffer whose copy measures the bandwidth (default: ``bytes_moved / 2``).
     ``numpy_buffers``: False where softgrad's implementation runs on
     TensorFlow, whose memory tracemalloc does not see (its cell stays empty
-    rather than reading 0).
+    rather than reading 0). ``turns``: time the implementations taking
+    turns call by call, each at least ``turns`` times, instead of one after
+    the other; for implementations that share one runtime's thread pools
+    (softgrad's TF path against TensorFlow's own ops), where the slow drift
+    of a shared machine would otherwise land on one of them (see
+    :func:`time_in_turns`). None: one after the other.
     """
 
     op: str
@@ -56,6 +61,7 @@ class Case:
     bytes_moved: float = None
     copy_bytes: int = None
     numpy_buffers: bool = True
+    turns: int = None
     results: dict = field(default_factory=dict)
     bound_ms: float = None
 
@@ -108,10 +114,39 @@ def copy_bandwidth(nbytes, runs):
     return 2 * src.nbytes / timing.median_ms
 
 
+def time_in_turns(thunks, *, runs):
+    """{name: [ms, ...]}: ``runs`` calls of each thunk, taking turns, the collector paused.
+
+    Only for thunks on one runtime: between libraries it is unfair, since
+    a call made right after another library's waits for that library's
+    OpenMP threads to stop spinning (softgrad's cross-entropy at
+    1024x32768 took 21.3 against 18.9 ms right after PyTorch's), and a
+    pause between calls lets every call start cold (with a 20 ms pause
+    alone 21.3 against 20.4 ms; taking turns with the other libraries
+    after such pauses, 25.1 ms in a ``--quick`` run).
+    """
+    samples = {name: [] for name in thunks}
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(runs):
+            for name, thunk in thunks.items():
+                start = time.perf_counter()
+                thunk()
+                samples[name].append((time.perf_counter() - start) * 1e3)
+    finally:
+        if was_enabled:
+            gc.enable()
+    return samples
+
+
 def run_case(case, *, runs, warmup, log=print):
     if case.bytes_moved is not None:
         copy_bytes = case.copy_bytes or case.bytes_moved / 2
         case.bound_ms = case.bytes_moved / copy_bandwidth(copy_bytes, runs)
+    if case.turns:
+        return _run_in_turns(case, max(runs, case.turns), warmup, log)
     for name, factory in case.impls.items():
         try:
             thunk = factory()
@@ -122,6 +157,21 @@ def run_case(case, *, runs, warmup, log=print):
         case.results[name] = time_thunk(thunk, runs=runs, warmup=warmup, memory=memory)
         del thunk
         gc.collect()
+    return case
+
+
+def _run_in_turns(case, runs, warmup, log):
+    thunks = {}
+    for name, factory in case.impls.items():
+        try:
+            thunks[name] = factory()
+        except ImportError as error:
+            log(f"  {case.op} {name}: skipped ({error})")
+            continue
+        for _ in range(warmup):
+            thunks[name]()
+    for name, ms in time_in_turns(thunks, runs=runs).items():
+        case.results[name] = Timing(statistics.median(ms), min(ms), max(ms), runs)
     return case
 
 

@@ -275,7 +275,9 @@ def test_softmax_by_tensorflows_kernel_on_finite_logits(tf_run, dtype, monkeypat
     """Finite logits (T = 1) go through TensorFlow's own softmax kernel op
     by op and through the maths under XLA; both agree with op by op, ties,
     confident and saturating rows included, gradient and second derivative
-    too. Any non-finite logit sends the input to the maths instead."""
+    too. A NaN, a +inf or a row with no entry, each alone, sends the input
+    to the maths instead (op by op: the NaN it leaves in the kernel's
+    output)."""
     x = _wide_rows(dtype)[[0, 5, 6, 7]]
     v = np.random.default_rng(5).normal(size=x.shape).astype(dtype)
     value_gradient_second = _value_gradient_second(OPS["softmax"])
@@ -296,7 +298,12 @@ def test_softmax_by_tensorflows_kernel_on_finite_logits(tf_run, dtype, monkeypat
     poisoned[1, 3] = np.nan
     out = tf_run(lambda x: sg.softmax(x), poisoned)
     assert np.all(np.isnan(out[1])) and np.all(np.isfinite(out[[0, 2, 3]]))
+    infinite = x.copy()
+    infinite[3, 7] = np.inf
+    out = tf_run(lambda x: sg.softmax(x), infinite)
+    assert np.all(np.isnan(out[3])) and np.all(np.isfinite(out[:3]))
     empty = x.copy()
     empty[2] = -np.inf
     out = tf_run(lambda x: sg.softmax(x), empty)
     np.testing.assert_array_equal(out[2], 0.0)
+    assert np.all(np.isfinite(out))

@@ -163,13 +163,18 @@ def _kernel_softmax(x, by_maths):
 
     Op by op (under XLA ``by_maths`` compiles to the kernel's passes and
     is used as it is), TensorFlow's kernel lets a NaN or +inf
-    through without spoiling the rest of its row, and gives NaN (0 / 0)
-    for a row with no entry, so any non-finite logit, or a sum that
-    overflows, sends the whole input to ``by_maths``; the check is one
-    reduction of x to a number.
+    through without spoiling the rest of its row (a NaN at that entry,
+    0 elsewhere), and gives NaN (0 / 0) for a row with no entry. So the
+    rows it gets wrong are exactly those that leave a NaN in its output:
+    x - max is NaN at a NaN or +inf entry, and in a row with no entry,
+    and nowhere else, where every e^(x - max) is at most 1 and the row's
+    sum at least 1. One reduction of the output to a number checks that
+    (of y, which the kernel has just written: cheaper than one of x,
+    2% of the step), and any NaN sends the whole input to ``by_maths``.
     """
-    finite = tf.math.is_finite(tf.reduce_sum(x))
-    return tf.cond(finite, lambda: tf.nn.softmax(x), lambda: by_maths(x))
+    y = tf.nn.softmax(x)
+    finite = tf.math.is_finite(tf.reduce_sum(y))
+    return tf.cond(finite, lambda: y, lambda: by_maths(x))
 
 
 def in_xla():
