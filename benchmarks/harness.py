@@ -78,22 +78,7 @@ class Timing:
 def time_thunk(thunk, *, runs, warmup, memory):
     for _ in range(warmup):
         thunk()
-    samples = []
-    # As timeit does: the collector runs once before the timed calls and not
-    # during them. Collecting before every call made TensorFlow's timings
-    # bimodal here (freed tensors hand their memory back, and the next call
-    # faults it in again), by as much as 1.4x in the median.
-    gc.collect()
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for _ in range(runs):
-            start = time.perf_counter()
-            thunk()
-            samples.append((time.perf_counter() - start) * 1e3)
-    finally:
-        if was_enabled:
-            gc.enable()
+    samples = time_in_turns({"thunk": thunk}, runs=runs)["thunk"]
     peak = None
     if memory:
         gc.collect()
@@ -103,7 +88,11 @@ def time_thunk(thunk, *, runs, warmup, memory):
         thunk()
         peak = tracemalloc.get_traced_memory()[1] / 2**20
         tracemalloc.stop()
-    return Timing(statistics.median(samples), min(samples), max(samples), runs, peak)
+    return _timing(samples, peak)
+
+
+def _timing(samples, peak=None):
+    return Timing(statistics.median(samples), min(samples), max(samples), len(samples), peak)
 
 
 def copy_bandwidth(nbytes, runs):
@@ -126,6 +115,10 @@ def time_in_turns(thunks, *, runs):
     after such pauses, 25.1 ms in a ``--quick`` run).
     """
     samples = {name: [] for name in thunks}
+    # As timeit does: the collector runs once before the timed calls and not
+    # during them. Collecting before every call made TensorFlow's timings
+    # bimodal here (freed tensors hand their memory back, and the next call
+    # faults it in again), by as much as 1.4x in the median.
     gc.collect()
     was_enabled = gc.isenabled()
     gc.disable()
@@ -148,10 +141,8 @@ def run_case(case, *, runs, warmup, log=print):
     if case.turns:
         return _run_in_turns(case, max(runs, case.turns), warmup, log)
     for name, factory in case.impls.items():
-        try:
-            thunk = factory()
-        except ImportError as error:
-            log(f"  {case.op} {name}: skipped ({error})")
+        thunk = _thunk(case, name, factory, log)
+        if thunk is None:
             continue
         memory = not name.startswith(("tf", "torch")) and (case.numpy_buffers or name != "softgrad")
         case.results[name] = time_thunk(thunk, runs=runs, warmup=warmup, memory=memory)
@@ -160,18 +151,26 @@ def run_case(case, *, runs, warmup, log=print):
     return case
 
 
+def _thunk(case, name, factory, log):
+    """The implementation's thunk, or None where its framework is missing (logged)."""
+    try:
+        return factory()
+    except ImportError as error:
+        log(f"  {case.op} {name}: skipped ({error})")
+        return None
+
+
 def _run_in_turns(case, runs, warmup, log):
     thunks = {}
     for name, factory in case.impls.items():
-        try:
-            thunks[name] = factory()
-        except ImportError as error:
-            log(f"  {case.op} {name}: skipped ({error})")
+        thunk = _thunk(case, name, factory, log)
+        if thunk is None:
             continue
         for _ in range(warmup):
-            thunks[name]()
+            thunk()
+        thunks[name] = thunk
     for name, ms in time_in_turns(thunks, runs=runs).items():
-        case.results[name] = Timing(statistics.median(ms), min(ms), max(ms), runs)
+        case.results[name] = _timing(ms)
     return case
 
 

@@ -78,15 +78,16 @@ def call(kernel, args):
 
 
 def compile_apart(kernel, arg_types):
-    """Compile ``kernel`` for ``arg_types`` (a tuple of numba types) in a child process; True if it did."""
+    """Compile ``kernel`` for ``arg_types`` (a tuple of numba types) in a
+    child process, into numba's cache. A failure is not reported: the
+    caller's next call then compiles in this process."""
     if PYTHON is None:
-        return False
+        return
     job = pickle.dumps((kernel.py_func.__module__, kernel.py_func.__qualname__, tuple(arg_types)))
     try:
-        done = subprocess.run([PYTHON, "-c", _CHILD], input=job, capture_output=True, check=False)
+        subprocess.run([PYTHON, "-c", _CHILD], input=job, capture_output=True, check=False)
     except OSError:
-        return False
-    return done.returncode == 0
+        pass
 
 
 def child():
