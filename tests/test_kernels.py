@@ -281,6 +281,30 @@ def test_exp_is_within_two_ulp_over_its_whole_range(dtype):
     assert np.all(error[~normal] <= 1.5 * float(info.smallest_subnormal))
 
 
+@compiled
+def test_prefer_wide_vectors_marks_its_caller():
+    """The mark is LLVM's attribute on the function that calls it; with it a
+    loop is vectorised with 512-bit registers where the CPU has them."""
+    import llvmlite.binding as llvm
+    from numba import njit
+
+    from softgrad.kernels._primitives import prefer_wide_vectors
+
+    @njit
+    def double(a):
+        prefer_wide_vectors()
+        for j in range(a.shape[0]):
+            a[j] = a[j] * a.dtype.type(2)
+
+    a = np.arange(1000, dtype=np.float32)
+    double(a)
+    assert np.array_equal(a, 2 * np.arange(1000, dtype=np.float32))
+    signature = double.signatures[0]
+    assert '"prefer-vector-width"="512"' in double.inspect_llvm(signature)
+    if llvm.get_host_cpu_features().get("avx512f"):
+        assert "zmm" in double.inspect_asm(signature)
+
+
 def _aligned_like(x, offset):
     """An uninitialised array like x whose data starts ``offset`` bytes past a 64-byte boundary."""
     raw = np.empty(x.nbytes + 128, np.uint8)

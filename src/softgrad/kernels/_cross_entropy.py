@@ -24,7 +24,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._primitives import store_fence
+from ._primitives import prefer_wide_vectors, store_fence
 from ._rows import BLOCK, band_rows, blocked_sum, max_and_shift, shift_of, shifted, stream_row, sum_exp, sum_stored
 
 
@@ -48,6 +48,7 @@ def _qz(j, row, m, lowest, label, soft_row, weight, a, b):
 @njit
 def _targets(row, m, lowest, label, soft_row, weight, a, b):
     """(Σ q, Σ_{q != 0} q z) over a row."""
+    prefer_wide_vectors()
     n = row.shape[0]
     # float64 throughout: S sits next to 1 - p and is not on the fast path.
     s_q = blocked_sum(_q, n, 0.0, (row, label, soft_row, weight, a, b))
@@ -66,6 +67,7 @@ def _grad_row(row, top_value, g, e, label, soft_row, weight, a, b, coef, scale, 
     None, or a scratch block for writing g with streaming stores
     (``_rows.stream_row``).
     """
+    prefer_wide_vectors()
     q_label = _q(label, row, label, soft_row, weight, a, b)
     args = (row, e, label, q_label, soft_row, weight, a, b, top_value, coef, scale, s_q, top_extra, absent, dense)
     if block is None:
@@ -101,6 +103,7 @@ def _example(row, g, label, soft_row, weight, a, b, valid, z_loss, scale, lowest
     the row's e^z and a block: the gradient is then written with streaming
     stores.
     """
+    prefer_wide_vectors()
     if ready_max is None:
         raw_max, m = max_and_shift(row)
     else:
@@ -167,6 +170,7 @@ def _banded_example(x, grad, i, label, soft_row, weight, a, b, valid, z_loss, sc
     """:func:`_example` for row i of a band: the loss alone, or with the
     gradient written with streaming stores (through ``e`` and ``block``) or
     ordinary ones."""
+    prefer_wide_vectors()
     if grad is None:
         return _example(x[i], None, label, soft_row, weight, a, b, valid, z_loss, scale, lowest, ahead, None)
     if streaming:
@@ -183,6 +187,7 @@ def with_labels(x, labels, weight, ignore_index, a, b, z_loss, scale, lowest, lo
     n_rows, n = x.shape
     streaming = stream and grad is not None
     for band in prange(n_bands):
+        prefer_wide_vectors()
         e = np.empty(n if streaming else 0, x.dtype)
         block = np.empty(BLOCK if streaming else 0, x.dtype)
         first, stop = band_rows(band, n_bands, n_rows)
@@ -201,6 +206,7 @@ def with_soft_labels(x, soft, weight, a, b, z_loss, scale, lowest, loss, grad, s
     n_rows, n = x.shape
     streaming = stream and grad is not None
     for band in prange(n_bands):
+        prefer_wide_vectors()
         e = np.empty(n if streaming else 0, x.dtype)
         block = np.empty(BLOCK if streaming else 0, x.dtype)
         first, stop = band_rows(band, n_bands, n_rows)

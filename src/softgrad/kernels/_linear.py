@@ -36,7 +36,7 @@ import math
 import numpy as np
 from numba import njit
 
-from ._primitives import exp, maximum
+from ._primitives import exp, maximum, prefer_wide_vectors
 from ._rows import BLOCK, row_max, sum_exp
 
 
@@ -53,6 +53,7 @@ def _sech2(a, one):
 
 @njit(fastmath={"reassoc", "contract"})
 def _row_sum(row):
+    prefer_wide_vectors()
     total = 0.0
     n_blocks = row.shape[0] // BLOCK
     for block in range(n_blocks):
@@ -69,6 +70,7 @@ def _row_sum(row):
 @njit
 def _stats_row(row, b, has_bias, local, m, r, want_sum, lowest):
     """Pass 1 on one row, in place; returns (m, r, the label's logit or 0, row sum)."""
+    prefer_wide_vectors()
     dtype = row.dtype.type
     if has_bias:
         for j in range(row.shape[0]):
@@ -102,6 +104,7 @@ def stats(u, bias, has_bias, labels, start, m, r, x_t, sum_x, want_sum, lowest):
     ``u`` holds h @ W_k, already soft-capped if asked, and gets the bias
     added in place when ``has_bias``.
     """
+    prefer_wide_vectors()
     for i in range(u.shape[0]):
         mi, ri, xt, total = _stats_row(u[i], bias, has_bias, labels[i] - start, m[i], r[i], want_sum, lowest)
         m[i] = mi
@@ -124,6 +127,7 @@ def _grad_row(row, b, has_bias, xs, has_cap, local, m, log_z, c, grow, eps_v, ep
     One loop per case, so that each vectorises. With a soft-cap ``row``
     holds a = u / s and ``xs`` the capped logits s tanh(a).
     """
+    prefer_wide_vectors()
     dtype = row.dtype.type
     one = dtype(1.0)
     at_label = 0 <= local < row.shape[0]
@@ -161,6 +165,7 @@ def grad(u, bias, has_bias, capped, has_cap, labels, start, m, log_z, coef, eps_
     With a soft-cap (``has_cap``) ``u`` holds a = (h @ W_k + b) / s instead
     and ``capped`` the logits s tanh(a); otherwise ``capped`` is unused.
     """
+    prefer_wide_vectors()
     dtype = u.dtype.type
     eps_v = dtype(eps_v)
     eps_t = dtype(eps_t)

@@ -16,7 +16,7 @@ it, and numba keeps the flags per function.
 import numpy as np
 from numba import njit
 
-from ._primitives import address, block_max, exp, half, maximum, prefetch, stream_block
+from ._primitives import address, block_max, exp, half, maximum, prefer_wide_vectors, prefetch, stream_block
 
 BLOCK = 256
 _LINE = 64  # bytes: the alignment ``stream_block`` needs
@@ -101,6 +101,7 @@ def sum_exp(row, m, t, lowest, out, ahead=None):
     The blocks are loops of constant length inside this function: LLVM
     vectorises those, not a block function called in a loop.
     """
+    prefer_wide_vectors()
     below = 0.0
     n_top = 0.0
     n_blocks = row.shape[0] // BLOCK
@@ -140,6 +141,7 @@ def exp_total(row, m, t, out, ahead, behind=None):
     of the softmax's time). A row o that does not start on a 64-byte
     boundary is written after the exponentials, with ordinary stores.
     """
+    prefer_wide_vectors()
     total = 0.0
     n_blocks = row.shape[0] // BLOCK
     streamed = 0
@@ -247,6 +249,7 @@ def first_argmax(row):
 @njit(fastmath=_REDUCE)
 def blocked_sum(entry, n, zero, args):
     """Σ_{j<n} entry(j, *args): blocks of BLOCK in ``zero``'s dtype, float64 across."""
+    prefer_wide_vectors()
     total = 0.0
     n_blocks = n // BLOCK
     for block in range(n_blocks):

@@ -12,7 +12,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._primitives import exp, store_fence, stream_block
+from ._primitives import exp, prefer_wide_vectors, store_fence, stream_block
 from ._rows import (
     _REDUCE,
     BLOCK,
@@ -47,6 +47,7 @@ def softmax(x, t, out, stream, n_bands):
     one = x.dtype.type(1)
     n_rows, n = x.shape
     for band in prange(n_bands):
+        prefer_wide_vectors()
         e = np.empty((2, n if stream else 0), x.dtype)
         block = np.empty(BLOCK if stream else 0, x.dtype)
         first, stop = band_rows(band, n_bands, n_rows)
@@ -83,6 +84,7 @@ def log_softmax(x, t, lowest, out, stream, n_bands):
     """``_maths.log_softmax`` without a mask: z - log1p(Σ_{z<0} e^z + n_top - 1)."""
     n_rows, n = x.shape
     for band in prange(n_bands):
+        prefer_wide_vectors()
         block = np.empty(BLOCK if stream else 0, x.dtype)
         first, stop = band_rows(band, n_bands, n_rows)
         for i in range(first, stop):
@@ -111,16 +113,25 @@ def _vjp_entry(j, y, dy, d_top, total):
 
 
 @njit(fastmath=_REDUCE)
-def _total_writing_behind(yr, dyr, d_top, o, y_behind, dy_behind, d_behind, t_behind, scratch, ahead):
-    """``blocked_sum(_shifted_product, ...)`` of this row, the same sum in
-    the same order, while the previous row's output ``o`` is written with
-    streaming stores a block per block (as ``_rows.exp_total``'s
-    ``behind``): its stores overlap this row's reads from memory. A row o
-    not on a 64-byte boundary is written after the sum, with ordinary stores."""
+def _vjp_total(yr, dyr, d_top, ahead, behind=None):
+    """Σ (dy - d_top) y over the row: ``blocked_sum(_shifted_product, ...)``,
+    its blocks and its order, while prefetching ``ahead`` (the next row).
+
+    ``behind``: None, or the previous row's ``(o, y, dy, d_top, total,
+    scratch)``, whose output o is written with streaming stores a block per
+    block, as ``_rows.exp_total``'s ``behind``: the stores overlap this
+    row's reads from memory. A row o not on a 64-byte boundary is written
+    after the sum, with ordinary stores. Streamed or not, a row's total is
+    summed by this one function, so that both write the same output.
+    """
+    prefer_wide_vectors()
     zero = yr.dtype.type(0)
     n = yr.shape[0]
     n_blocks = n // BLOCK
-    streamed = streamed_blocks(o)
+    streamed = 0
+    if behind is not None:
+        o, y_behind, dy_behind, d_behind, t_behind, scratch = behind
+        streamed = streamed_blocks(o)
     total = 0.0
     for b in range(n_blocks):
         prefetch_block(ahead, b * BLOCK)
@@ -128,15 +139,17 @@ def _total_writing_behind(yr, dyr, d_top, o, y_behind, dy_behind, d_behind, t_be
         for k in range(BLOCK):
             acc += _shifted_product(b * BLOCK + k, yr, dyr, d_top)
         total += acc
-        if b < streamed:
-            for k in range(BLOCK):
-                scratch[k] = _vjp_entry(b * BLOCK + k, y_behind, dy_behind, d_behind, t_behind)
-            stream_block(scratch, o, b * BLOCK, BLOCK)
+        if behind is not None:
+            if b < streamed:
+                for k in range(BLOCK):
+                    scratch[k] = _vjp_entry(b * BLOCK + k, y_behind, dy_behind, d_behind, t_behind)
+                stream_block(scratch, o, b * BLOCK, BLOCK)
     acc = zero
     for j in range(n_blocks * BLOCK, n):
         acc += _shifted_product(j, yr, dyr, d_top)
-    for j in range(streamed * BLOCK, n):
-        o[j] = _vjp_entry(j, y_behind, dy_behind, d_behind, t_behind)
+    if behind is not None:
+        for j in range(streamed * BLOCK, n):
+            o[j] = _vjp_entry(j, y_behind, dy_behind, d_behind, t_behind)
     return total + acc
 
 
@@ -145,11 +158,12 @@ def softmax_vjp(y, dy, out, stream, n_bands):
     """``_maths.softmax_vjp``: y (d - Σ d y) with d = dy - dy[argmax y].
 
     Streamed, row i is written during row i + 1's sum
-    (:func:`_total_writing_behind`), the band's last row after it.
+    (:func:`_vjp_total`), the band's last row after it.
     """
     zero = y.dtype.type(0)
     n_rows, n = y.shape
     for band in prange(n_bands):
+        prefer_wide_vectors()
         block = np.empty(BLOCK if stream else 0, y.dtype)
         first, stop = band_rows(band, n_bands, n_rows)
         d_top = total = zero
@@ -157,11 +171,12 @@ def softmax_vjp(y, dy, out, stream, n_bands):
             yr, dyr, o = y[i], dy[i], out[i]
             d_behind, t_behind = d_top, total
             d_top = dyr[first_argmax(yr)]
+            ahead = y[min(i + 1, stop - 1)]
             if stream and i > first:
-                total = y.dtype.type(_total_writing_behind(yr, dyr, d_top, out[i - 1], y[i - 1], dy[i - 1],
-                                                           d_behind, t_behind, block, y[min(i + 1, stop - 1)]))
+                behind = (out[i - 1], y[i - 1], dy[i - 1], d_behind, t_behind, block)
+                total = y.dtype.type(_vjp_total(yr, dyr, d_top, ahead, behind))
             else:
-                total = y.dtype.type(blocked_sum(_shifted_product, n, zero, (yr, dyr, d_top)))
+                total = y.dtype.type(_vjp_total(yr, dyr, d_top, ahead))
             if not stream:
                 for j in range(n):
                     o[j] = _vjp_entry(j, yr, dyr, d_top, total)
@@ -185,6 +200,7 @@ def log_softmax_vjp(logp, g, out):
     """``_maths.log_softmax_vjp``: g - p Σ g, the argmax set to minus the others."""
     zero = g.dtype.type(0)
     for i in prange(logp.shape[0]):
+        prefer_wide_vectors()
         lr, gr, o = logp[i], g[i], out[i]
         n = lr.shape[0]
         total = g.dtype.type(blocked_sum(_present, n, zero, (lr, gr)))
