@@ -345,6 +345,27 @@ def test_streamed_outputs_equal_cached_ones(dtype, n_classes, offset):
 
 
 @compiled
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_are_streamed_from_their_first_64_byte_boundary(dtype):
+    """``stream_plan``: the entries before a row's first 64-byte boundary,
+    then the full blocks after it; nothing for a row that ends before its
+    first boundary or lies off its own alignment."""
+    from softgrad.kernels._rows import BLOCK, stream_plan
+
+    itemsize = np.dtype(dtype).itemsize
+    raw = np.empty(4 * BLOCK * itemsize + 128, np.uint8)
+    base = -raw.ctypes.data % 64
+    for offset in range(0, 64, itemsize):
+        for length in (0, 3, BLOCK, 3 * BLOCK + 5):
+            row = raw[base + offset : base + offset + length * itemsize].view(dtype)
+            head = (64 - offset) % 64 // itemsize
+            expected = (head, (length - head) // BLOCK) if head <= length else (0, 0)
+            assert stream_plan(row) == expected, (offset, length)
+    off_alignment = raw[base + 1 : base + 1 + BLOCK * itemsize].view(dtype)
+    assert stream_plan(off_alignment) == (0, 0)
+
+
+@compiled
 @pytest.mark.parametrize("n_classes", [1, 3, 300])
 def test_log_softmax_vjp_keeps_a_nan_at_the_argmax(n_classes):
     # Regression: the argmax entry is minus the sum of the others, which

@@ -12,7 +12,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._primitives import exp, prefer_wide_vectors, store_fence, stream_block
+from ._primitives import exp, prefer_wide_vectors, store_fence
 from ._rows import (
     _REDUCE,
     BLOCK,
@@ -22,16 +22,14 @@ from ._rows import (
     first_argmax,
     max_and_shift,
     prefetch_block,
+    scaled,
     shifted,
+    stream_block_of,
+    stream_plan,
     stream_row,
-    streamed_blocks,
     sum_exp,
+    write_unstreamed,
 )
-
-
-@njit
-def _scaled(j, e, r):
-    return e[j] * r
 
 
 @njit(parallel=True, cache=True)
@@ -70,7 +68,7 @@ def softmax(x, t, out, stream, n_bands):
                 for j in range(n):
                     o[j] = o[j] * r
         if stream and stop > first:
-            stream_row(out[stop - 1], _scaled, (e[(stop - 1) % 2], r), block)
+            stream_row(out[stop - 1], scaled, (e[(stop - 1) % 2], r), block)
             store_fence()
 
 
@@ -120,18 +118,19 @@ def _vjp_total(yr, dyr, d_top, ahead, behind=None):
     ``behind``: None, or the previous row's ``(o, y, dy, d_top, total,
     scratch)``, whose output o is written with streaming stores a block per
     block, as ``_rows.exp_total``'s ``behind``: the stores overlap this
-    row's reads from memory. A row o not on a 64-byte boundary is written
-    after the sum, with ordinary stores. Streamed or not, a row's total is
-    summed by this one function, so that both write the same output.
+    row's reads from memory. The entries of o that ``_rows.stream_plan``
+    leaves out are written after the sum, with ordinary stores. Streamed or
+    not, a row's total is summed by this one function, so that both write
+    the same output.
     """
     prefer_wide_vectors()
     zero = yr.dtype.type(0)
     n = yr.shape[0]
     n_blocks = n // BLOCK
-    streamed = 0
+    head = streamed = 0
     if behind is not None:
         o, y_behind, dy_behind, d_behind, t_behind, scratch = behind
-        streamed = streamed_blocks(o)
+        head, streamed = stream_plan(o)
     total = 0.0
     for b in range(n_blocks):
         prefetch_block(ahead, b * BLOCK)
@@ -141,15 +140,12 @@ def _vjp_total(yr, dyr, d_top, ahead, behind=None):
         total += acc
         if behind is not None:
             if b < streamed:
-                for k in range(BLOCK):
-                    scratch[k] = _vjp_entry(b * BLOCK + k, y_behind, dy_behind, d_behind, t_behind)
-                stream_block(scratch, o, b * BLOCK, BLOCK)
+                stream_block_of(o, head, b, _vjp_entry, (y_behind, dy_behind, d_behind, t_behind), scratch)
     acc = zero
     for j in range(n_blocks * BLOCK, n):
         acc += _shifted_product(j, yr, dyr, d_top)
     if behind is not None:
-        for j in range(streamed * BLOCK, n):
-            o[j] = _vjp_entry(j, y_behind, dy_behind, d_behind, t_behind)
+        write_unstreamed(o, head, streamed, _vjp_entry, (y_behind, dy_behind, d_behind, t_behind))
     return total + acc
 
 
