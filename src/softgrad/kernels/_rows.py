@@ -295,11 +295,8 @@ def stream_plan(o):
     their own alignment (no boundary starts one of them).
     """
     start = address(o)
-    # Masks, not % and min: LLVM then knows 0 <= head < 16 and that the
-    # indices built from it are never negative, so no wraparound test
-    # stays in the blocks' loops (with one they ran half as fast).
-    head = ((_LINE - (start & (_LINE - 1))) & (_LINE - 1)) // o.itemsize
-    if start & (o.itemsize - 1) != 0 or head > o.shape[0]:
+    head = (-start % _LINE) // o.itemsize
+    if start % o.itemsize != 0 or head > o.shape[0]:
         return 0, 0
     return head, (o.shape[0] - head) // BLOCK
 
@@ -310,10 +307,11 @@ def stream_block_of(o, head, b, entry, args, scratch):
     ``entry(j, *args)`` go to ``scratch`` (BLOCK entries), then to o.
 
     Two copies of one loop: where o starts on a 64-byte boundary (head 0,
-    every row of an aligned output with C a multiple of 16) the indices are
-    b * BLOCK + k, which LLVM compiles to a loop half as long as the one
-    for head + b * BLOCK + k (cross-entropy at 1024x32768 took 25 instead
-    of 17 ms with the second alone).
+    every row of an aligned output with C a multiple of 16) the indices
+    are b * BLOCK + k, and LLVM makes a faster loop of that than of
+    head + b * BLOCK + k, even for a head of 0 (cross-entropy at 1024x32768
+    took 25 instead of 17 ms with the second loop alone; telling LLVM that
+    head is small and not negative did not help).
     """
     if head == 0:
         for k in range(BLOCK):
