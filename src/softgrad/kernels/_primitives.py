@@ -356,10 +356,13 @@ def prefer_wide_vectors(typingctx):
     (a prange kernel first thing in its prange body, which becomes a
     function of its own), and so do the helpers they share (not
     ``inline="always"`` ones, whose code numba puts into the caller). The
-    short-row kernels (``_short.py``) and the helpers only they use do not:
+    short-row kernels (``_short.py``) and the helpers they use do not:
     their loops run over a few entries between scalar per-row work, and
-    there 512-bit vectors were 5-15% slower. Nor does the explicit
-    Jacobian, which only writes memory: 7% slower with them.
+    there 512-bit vectors were 5-15% slower. ``_rows.row_max`` and
+    ``first_argmax`` serve both: their blocks are explicit vectors
+    (:func:`block_max`), their tail loops are a short row's whole work.
+    Nor does the explicit Jacobian, which only writes memory: 7% slower
+    with them.
     """
 
     def codegen(context, builder, signature, args):
