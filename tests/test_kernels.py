@@ -363,6 +363,34 @@ def test_streamed_outputs_equal_cached_ones(dtype, n_classes, offset):
 
 @compiled
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_classes", [3, 16, 31, 32, 33, 63, 64, 65, 255, 256, 257, 496, 511, 512, 520])
+def test_streamed_jacobian_writes_each_entry_once_and_nothing_else(dtype, n_classes):
+    """The streamed Jacobian (``_softmax._stream_jacobian_row``) writes the
+    lines that begin in each output row, with the next row's first entries,
+    and ordinary stores only at a band's two ends. Whatever the row length
+    (in whole lines or not, below the streamed minimum), the output's
+    offset from a line and the number of bands, it equals the plain
+    stores' Jacobian bit for bit and leaves the bytes around the output
+    as they were (a stray whole-line store would overwrite them)."""
+    from softgrad.kernels import _softmax
+
+    y = kernels.softmax(np.random.default_rng(n_classes).normal(0.0, 3.0, (5, n_classes)).astype(dtype))
+    itemsize = y.itemsize
+    for t in (None, y.dtype.type(0.5)):
+        expected = np.empty(y.shape + (n_classes,), dtype)
+        _softmax.softmax_jacobian(y, t, expected, False, 1)
+        for offset in (0, itemsize, 32, 64 - itemsize):
+            for n_bands in (1, 2, 3, 7):
+                raw = np.full(expected.nbytes + 256, 0xAB, np.uint8)
+                start = -raw.ctypes.data % 64 + 64 + offset
+                out = raw[start : start + expected.nbytes].view(dtype).reshape(expected.shape)
+                _softmax.softmax_jacobian(y, t, out, True, n_bands)
+                np.testing.assert_array_equal(out, expected, err_msg=f"T={t} offset={offset} bands={n_bands}")
+                assert (raw[:start] == 0xAB).all() and (raw[start + expected.nbytes :] == 0xAB).all()
+
+
+@compiled
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_rows_are_streamed_from_their_first_64_byte_boundary(dtype):
     """``stream_plan``: the entries before a row's first 64-byte boundary,
     then the full blocks after it; nothing for a row that ends before its

@@ -256,6 +256,37 @@ def block_max(typingctx, row, start, length):
     return row.dtype(row, start, length), codegen
 
 
+def _float_arrays(src, dst):
+    return (isinstance(src, types.Array) and isinstance(dst, types.Array) and src.dtype == dst.dtype
+            and dst.dtype in (types.float32, types.float64))
+
+
+def _stream_codegen(n_vectors, width):
+    """Code for ``dst[start : start + n_vectors * width] = src[:...]``, one
+    non-temporal store a vector of ``width`` entries (see :func:`stream_block`)."""
+
+    def codegen(context, builder, signature, args):
+        src_type, dst_type = signature.args[0], signature.args[1]
+        src_array = context.make_array(src_type)(context, builder, args[0])
+        dst_array = context.make_array(dst_type)(context, builder, args[1])
+        zero = ir.Constant(ir.IntType(64), 0)
+        source = cgutils.get_item_pointer(context, builder, src_type, src_array, [zero], wraparound=False)
+        target = cgutils.get_item_pointer(context, builder, dst_type, dst_array, [args[2]], wraparound=False)
+        vector = ir.VectorType(source.type.pointee, width)
+        source = builder.bitcast(source, vector.as_pointer())
+        target = builder.bitcast(target, vector.as_pointer())
+        nontemporal = builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)])
+        itemsize = _VECTOR_BYTES // width
+        for k in range(n_vectors):
+            offset = [ir.Constant(ir.IntType(64), k)]
+            v = builder.load(builder.gep(source, offset), align=itemsize)
+            store = builder.store(v, builder.gep(target, offset), align=_VECTOR_BYTES)
+            store.set_metadata("nontemporal", nontemporal)
+        return context.get_dummy_value()
+
+    return codegen
+
+
 @intrinsic
 def stream_block(typingctx, src, dst, start, length):
     """``dst[start : start + length] = src[:length]`` with non-temporal stores.
@@ -271,34 +302,21 @@ def stream_block(typingctx, src, dst, start, length):
     float dtype, ``src`` holding at least ``length`` entries. No bounds
     checks.
     """
-    if not (isinstance(src, types.Array) and isinstance(dst, types.Array) and src.dtype == dst.dtype
-            and dst.dtype in (types.float32, types.float64) and isinstance(length, types.IntegerLiteral)):
+    if not (_float_arrays(src, dst) and isinstance(length, types.IntegerLiteral)):
         return None
-    itemsize = 4 if dst.dtype == types.float32 else 8
-    width = _VECTOR_BYTES // itemsize
+    width = _VECTOR_BYTES // (4 if dst.dtype == types.float32 else 8)
     n_vectors, rest = divmod(length.literal_value, width)
     if rest:
         return None
+    return types.none(src, dst, start, length), _stream_codegen(n_vectors, width)
 
-    def codegen(context, builder, signature, args):
-        src_type, dst_type = signature.args[0], signature.args[1]
-        src_array = context.make_array(src_type)(context, builder, args[0])
-        dst_array = context.make_array(dst_type)(context, builder, args[1])
-        zero = ir.Constant(ir.IntType(64), 0)
-        source = cgutils.get_item_pointer(context, builder, src_type, src_array, [zero], wraparound=False)
-        target = cgutils.get_item_pointer(context, builder, dst_type, dst_array, [args[2]], wraparound=False)
-        vector = ir.VectorType(source.type.pointee, width)
-        source = builder.bitcast(source, vector.as_pointer())
-        target = builder.bitcast(target, vector.as_pointer())
-        nontemporal = builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)])
-        for k in range(n_vectors):
-            offset = [ir.Constant(ir.IntType(64), k)]
-            v = builder.load(builder.gep(source, offset), align=itemsize)
-            store = builder.store(v, builder.gep(target, offset), align=_VECTOR_BYTES)
-            store.set_metadata("nontemporal", nontemporal)
-        return context.get_dummy_value()
 
-    return types.none(src, dst, start, length), codegen
+@intrinsic
+def stream_line(typingctx, src, dst, start):
+    """:func:`stream_block` of one 64-byte line: 16 float32 or 8 float64 entries."""
+    if not _float_arrays(src, dst):
+        return None
+    return types.none(src, dst, start), _stream_codegen(1, _VECTOR_BYTES // (4 if dst.dtype == types.float32 else 8))
 
 
 @intrinsic

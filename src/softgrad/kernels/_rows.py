@@ -16,7 +16,7 @@ it, and numba keeps the flags per function.
 import numpy as np
 from numba import njit
 
-from ._primitives import address, block_max, exp, half, maximum, prefer_wide_vectors, prefetch, stream_block
+from ._primitives import address, block_max, exp, half, maximum, prefer_wide_vectors, prefetch, stream_block, stream_line
 
 BLOCK = 256
 _LINE = 64  # bytes: the alignment ``stream_block`` needs
@@ -322,6 +322,28 @@ def stream_block_of(o, head, b, entry, args, scratch):
         for k in range(BLOCK):
             scratch[k] = entry(start + k, *args)
         stream_block(scratch, o, start, BLOCK)
+
+
+@njit(inline="always")
+def stream_span(src, dst, start, n):
+    """``dst[start : start + n] = src[:n]`` streamed, a block then a line at a time.
+
+    ``&dst[start]`` on a 64-byte boundary and ``n`` a multiple of a line
+    (64 bytes), as :func:`stream_block` needs.
+    """
+    per_line = _LINE // dst.itemsize
+    n_blocks = n // BLOCK
+    for b in range(n_blocks):
+        stream_block(src[b * BLOCK:], dst, start + b * BLOCK, BLOCK)
+    for line in range(n_blocks * BLOCK // per_line, n // per_line):
+        stream_line(src[line * per_line:], dst, start + line * per_line)
+
+
+@njit(inline="always")
+def to_boundary(base, index, itemsize):
+    """Entries from ``index`` to the first 64-byte boundary at or after it,
+    in an array of ``itemsize``-byte entries that starts at address ``base``."""
+    return (-(base + index * itemsize) % _LINE) // itemsize
 
 
 @njit(inline="always")
