@@ -305,6 +305,35 @@ def test_prefer_wide_vectors_marks_its_caller():
         assert "zmm" in double.inspect_asm(signature)
 
 
+@compiled
+def test_nonnegative_tells_llvm_and_returns_its_argument():
+    """``nonnegative(j)`` is j, with an ``llvm.assume`` that it is not
+    negative (which lets a loop drop numba's wrap-around of negative
+    indices); it takes signed integers only."""
+    from numba import njit
+    from numba.core.errors import TypingError
+
+    from softgrad.kernels._primitives import nonnegative
+
+    @njit
+    def window(a, start, out):
+        for k in range(out.shape[0]):
+            out[k] = a[nonnegative(start + k)]
+
+    a = np.arange(100, dtype=np.float32)
+    out = np.empty(40, np.float32)
+    window(a, 37, out)
+    np.testing.assert_array_equal(out, a[37:77])
+    assert "llvm.assume" in window.inspect_llvm(window.signatures[0])
+
+    @njit
+    def of_float(x):
+        return nonnegative(x)
+
+    with pytest.raises(TypingError):
+        of_float(1.5)
+
+
 def _aligned_like(x, offset):
     """An uninitialised array like x whose data starts ``offset`` bytes past a 64-byte boundary."""
     raw = np.empty(x.nbytes + 128, np.uint8)

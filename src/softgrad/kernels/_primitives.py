@@ -340,6 +340,27 @@ def store_fence(typingctx):
 
 
 @intrinsic
+def nonnegative(typingctx, j):
+    """``j``, which LLVM may assume is not negative (``llvm.assume``).
+
+    numba's ``a[j]`` wraps a negative signed ``j`` around (adds the length):
+    where LLVM cannot rule out a negative index, as for ``start + k``
+    (numba's additions may overflow, as far as LLVM knows), that select
+    stays in the loop, which then vectorises into gathers or not at all.
+    The caller guarantees ``j >= 0``; a negative one is undefined behaviour.
+    """
+    if not isinstance(j, types.Integer) or not j.signed:
+        return None
+
+    def codegen(context, builder, signature, args):
+        fn = builder.module.declare_intrinsic("llvm.assume", (), ir.FunctionType(ir.VoidType(), (ir.IntType(1),)))
+        builder.call(fn, (builder.icmp_signed(">=", args[0], ir.Constant(args[0].type, 0)),))
+        return args[0]
+
+    return j(j), codegen
+
+
+@intrinsic
 def address(typingctx, a):
     """The address of ``a``'s first entry, as an integer."""
     if not isinstance(a, types.Array):
