@@ -19,7 +19,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._cross_entropy import _example, label_targets
-from ._primitives import exp
+from ._primitives import exp, maximum
 from ._rows import BLOCK, exp_in_place, first_argmax, max_and_shift, shift_of, shifted, sum_stored
 
 # Measured at 655360 entries, 2 threads: faster than the per-row kernels at
@@ -35,6 +35,31 @@ def _tiles(n_rows, n_classes):
     return rows, (n_rows + rows - 1) // rows
 
 
+# Below this C a tile's row maxima are found a column at a time, across
+# rows (:func:`_tile_maxes`). Softmax at 655360 entries, ms, per row /
+# across rows: C = 2: 2.58 / 1.03, 3: 1.97 / 0.92, 10: 1.13 / 0.62,
+# 32: 0.57 / 0.51, 64: 0.50 / 0.52, 100: 0.49 / 0.53.
+ACROSS = 64
+
+
+@njit
+def _tile_maxes(x, i0, i1):
+    """``row_max`` of rows i0 .. i1 - 1 of x, a column at a time.
+
+    A row's own max is a chain of C dependent steps (``maximum`` tests for
+    NaN at each), as long as the rest of a short row's work. Across rows
+    the steps of one column are independent and vectorise: max[r] <-
+    maximum(max[r], x[i0 + r, j]), NaN for a row that holds one and -inf
+    for an empty row, as ``row_max``.
+    """
+    maxes = np.full(i1 - i0, -np.inf, x.dtype)
+    tile = x[i0:i1]
+    for j in range(x.shape[1]):
+        for r in range(i1 - i0):
+            maxes[r] = maximum(maxes[r], tile[r, j])
+    return maxes
+
+
 @njit
 def _shifted_tile(x, i0, i1, t, lowest, out, first=0):
     """out[i - first] <- z of row i for the tile's rows, then e^z over the
@@ -42,10 +67,14 @@ def _shifted_tile(x, i0, i1, t, lowest, out, first=0):
     the rows' maxima (``maxes[i - i0]``), which the callers that need them
     again take from there: for a short row finding its max costs as much
     as its exponentials."""
-    maxes = np.empty(i1 - i0, x.dtype)
+    across = x.shape[1] < ACROSS
+    maxes = _tile_maxes(x, i0, i1) if across else np.empty(i1 - i0, x.dtype)
     for i in range(i0, i1):
         row, o = x[i], out[i - first]
-        maxes[i - i0], m = max_and_shift(row)
+        if across:
+            m = shift_of(maxes[i - i0])
+        else:
+            maxes[i - i0], m = max_and_shift(row)
         for j in range(row.shape[0]):
             o[j] = shifted(row[j], m, t, lowest)
     exp_in_place(out.reshape(-1)[(i0 - first) * x.shape[1]: (i1 - first) * x.shape[1]])
