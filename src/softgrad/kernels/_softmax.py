@@ -218,8 +218,8 @@ def _jacobian_entry(j, y, i, y_i, t):
 
 
 @njit(inline="always")
-def _jacobian_piece(yr, i, start, n, t, scratch, at):
-    """``scratch[at + m]`` = entry ``start + m`` of the output row (n, i), y[n] = ``yr``, for m < n.
+def _jacobian_piece(yr, i, start, count, t, scratch, at):
+    """``scratch[at + m]`` = entry ``start + m`` of an output row (n, i) for m < ``count``; ``yr`` is y[n].
 
     Both arrays are indexed through views that begin at ``start`` and ``at``:
     every index is then a loop counter from 0, which LLVM knows is not
@@ -228,7 +228,7 @@ def _jacobian_piece(yr, i, start, n, t, scratch, at):
     3x as long (the whole Jacobian at C = 511: 75 instead of 25 ms).
     """
     seg, dst, y_i = yr[start:], scratch[at:], yr[i]
-    for m in range(n):
+    for m in range(count):
         dst[m] = _jacobian_entry(m, seg, i - start, y_i, t)
 
 
