@@ -306,7 +306,7 @@ def stream_plan(o):
     their own alignment (no boundary starts one of them).
     """
     start = address(o)
-    head = (-start % _LINE) // o.itemsize
+    head = to_boundary(start, 0, o.itemsize)
     if start % o.itemsize != 0 or head > o.shape[0]:
         return 0, 0
     return head, (o.shape[0] - head) // BLOCK
